@@ -1,0 +1,202 @@
+"""The one place that knows whether arrays live in NumPy (CPU) or CuPy (GPU).
+
+Ops never import numpy for array math: they ask `xp_of(x)` for the module of the arrays they
+were given, so the same code runs on either backend. Everything that differs between the two
+libraries (scatter-add, random numbers, erf, host<->device copies) is wrapped here, once.
+
+    MINIMOE_BACKEND=cupy python ...      # or
+    minimoe.set_backend("cupy")
+
+float32 is the default dtype for parameters and activations; gradient checks use float64.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy
+
+_VALID_BACKENDS = ("numpy", "cupy")
+_VALID_DTYPES = ("float32", "float64")
+
+_state = {"name": "numpy", "xp": numpy, "dtype": "float32"}
+
+
+class BackendError(RuntimeError):
+    """Raised when a backend is asked for and cannot be used (e.g. CuPy without a GPU)."""
+
+
+def _load_cupy():
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising at import
+        raise BackendError(
+            f"backend 'cupy' was requested but CuPy cannot be imported ({type(e).__name__}: {e}); "
+            "install it with `pip install minimoe[gpu]` on a machine with an NVIDIA GPU, or use 'numpy'"
+        ) from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise BackendError(
+            f"backend 'cupy' was requested but no CUDA device is usable ({type(e).__name__}: {e}); "
+            "use backend 'numpy' on this machine"
+        ) from None
+    if n < 1:
+        raise BackendError("backend 'cupy' was requested but CUDA reports 0 devices; use backend 'numpy'")
+    return cupy
+
+
+def set_backend(name: str) -> None:
+    """Select the array library for new arrays: 'numpy' (default) or 'cupy'."""
+    if name not in _VALID_BACKENDS:
+        raise ValueError(f"backend must be one of {_VALID_BACKENDS}, got {name!r}")
+    _state["xp"] = numpy if name == "numpy" else _load_cupy()
+    _state["name"] = name
+
+
+def get_backend() -> str:
+    """The name of the current backend, 'numpy' or 'cupy'."""
+    return _state["name"]
+
+
+def get_xp():
+    """The array module of the current backend (numpy or cupy)."""
+    return _state["xp"]
+
+
+def set_default_dtype(dtype: str) -> None:
+    """Set the default float dtype for new parameters: 'float32' (default) or 'float64'."""
+    name = numpy.dtype(dtype).name if dtype in (numpy.float32, numpy.float64) else dtype
+    if name not in _VALID_DTYPES:
+        raise ValueError(f"dtype must be one of {_VALID_DTYPES}, got {dtype!r}")
+    _state["dtype"] = name
+
+
+def get_default_dtype() -> str:
+    return _state["dtype"]
+
+
+def xp_of(*arrays):
+    """The array module (numpy or cupy) of the given arrays; numpy for plain Python values."""
+    for a in arrays:
+        mod = type(a).__module__
+        if mod.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return numpy
+
+
+def is_cupy_array(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def to_numpy(a):
+    """Copy an array to the host as numpy (no copy when it already is numpy)."""
+    if is_cupy_array(a):
+        return a.get()
+    return numpy.asarray(a)
+
+
+def to_device(a, xp=None, dtype=None):
+    """Move a host array to the current (or given) backend, optionally casting."""
+    xp = xp or get_xp()
+    if xp is numpy:
+        return numpy.asarray(to_numpy(a), dtype=dtype)
+    return xp.asarray(a, dtype=dtype)
+
+
+def make_rng(seed, xp=None):
+    """A random Generator of the backend's own library (so random numbers are made on the device)."""
+    xp = xp or get_xp()
+    return xp.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations whose spelling differs between numpy and cupy
+# ---------------------------------------------------------------------------------------------
+
+
+def scatter_add(target, indices, values):
+    """target[indices[i]] += values[i], accumulating repeated indices (in place).
+
+    target (V, ...), indices (N,) integer, values (N, ...). numpy: `np.add.at`; cupy:
+    `cupyx.scatter_add`. Used by the embedding backward (a token id can appear many times).
+    """
+    if is_cupy_array(target):
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        numpy.add.at(target, indices, values)
+    return target
+
+
+def topk_indices(x, k: int):
+    """Indices of the k largest entries along the last axis, largest first.
+
+    x (..., E) -> (..., k) integer. Ties go to the smaller index (a stable sort of -x), so the
+    choice is deterministic and identical on numpy and cupy (whose sort is also stable).
+    E is small (experts), so a full sort costs little and is easier to trust than argpartition.
+    """
+    xp = xp_of(x)
+    if xp is numpy:
+        order = numpy.argsort(-x, axis=-1, kind="stable")
+    else:
+        order = xp.argsort(-x, axis=-1)
+    return order[..., :k]
+
+
+# erf: numpy has none (scipy is not a dependency); cupy has one in cupyx.scipy.special.
+_SQRT_PI = math.sqrt(math.pi)
+
+
+def erf(x):
+    """The error function erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt, elementwise.
+
+    On numpy we evaluate it ourselves to float64 accuracy (~1e-15), so the exact GELU and its
+    backward (which uses d erf/dx = 2/sqrt(pi) exp(-x^2)) agree to the last digits:
+      |x| < 2.5 : erf(x) = 2/sqrt(pi) * exp(-x^2) * sum_n 2^n x^(2n+1) / (1*3*...*(2n+1))
+                  (all terms positive, so no cancellation; 60 terms suffice)
+      |x| >= 2.5: erfc(x) by its continued fraction, evaluated bottom-up with 60 levels:
+                  erfc(x) = exp(-x^2)/sqrt(pi) * 1/(x + (1/2)/(x + 1/(x + (3/2)/(x + 2/(x + ...)))))
+    """
+    xp = xp_of(x)
+    if xp is not numpy:
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erf(x)
+    dtype = x.dtype
+    z = numpy.abs(x.astype(numpy.float64))
+    small = z < 2.5
+    out = numpy.empty_like(z)
+    zs = z[small]
+    if zs.size:
+        z2 = zs * zs
+        term = zs.copy()
+        total = zs.copy()
+        for n in range(1, 60):
+            term *= 2.0 * z2 / (2 * n + 1)
+            total += term
+        out[small] = 2.0 / _SQRT_PI * numpy.exp(-z2) * total
+    zl = z[~small]
+    if zl.size:
+        frac = numpy.zeros_like(zl)
+        for n in range(60, 0, -1):
+            frac = (n / 2.0) / (zl + frac)
+        erfc = numpy.exp(-zl * zl) / _SQRT_PI / (zl + frac)
+        out[~small] = 1.0 - erfc
+    return (numpy.sign(x) * out).astype(dtype, copy=False)
+
+
+def _init_from_env():
+    name = os.environ.get("MINIMOE_BACKEND", "").strip().lower()
+    if name:
+        set_backend(name)
+    dtype = os.environ.get("MINIMOE_DTYPE", "").strip().lower()
+    if dtype:
+        set_default_dtype(dtype)
+
+
+_init_from_env()

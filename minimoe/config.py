@@ -1,0 +1,144 @@
+"""One `Config` dataclass describes every model minimoe builds or counts.
+
+Two flavours set the architecture's defaults:
+  gpt2  : LayerNorm, GELU (tanh) MLP, learned positions, tied input/output embeddings, biases.
+  llama : RMSNorm, RoPE, SwiGLU MLP, no biases, untied output head (also Mixtral, DeepSeek).
+Any of those choices can still be set field by field (e.g. to mirror a checkpoint's config).
+Setting `n_experts > 0` replaces the MLP of some blocks by a Mixture-of-Experts layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+FLAVOURS = {
+    "gpt2": dict(norm="layernorm", activation="gelu", pos_emb="learned", tie_embeddings=True, bias=True),
+    "llama": dict(norm="rmsnorm", activation="swiglu", pos_emb="rope", tie_embeddings=False, bias=False),
+}
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_exact", "swiglu")
+POS_EMBS = ("learned", "rope", "none")
+ROUTERS = ("softmax", "noisy", "sigmoid_bias")
+
+
+@dataclass
+class Config:
+    # --- the dense transformer ---
+    flavour: str = "gpt2"
+    vocab_size: int = 256
+    block_size: int = 64  # longest context (T) the model accepts
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # key/value heads (GQA); None = n_head (MHA); 1 = MQA
+    n_embd: int = 128  # C
+    ffn_hidden: Optional[int] = None  # F of dense MLPs; None = 4 * n_embd
+    norm: Optional[str] = None  # None = the flavour's choice (see FLAVOURS)
+    activation: Optional[str] = None
+    pos_emb: Optional[str] = None
+    tie_embeddings: Optional[bool] = None
+    bias: Optional[bool] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    init_std: float = 0.02
+    # --- Mixture of Experts (n_experts = 0: a dense model) ---
+    n_experts: int = 0  # E routed experts per MoE layer
+    top_k: int = 2  # K experts per token
+    moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0 ...
+    first_dense: int = 0  # ... and i >= first_dense (DeepSeekMoE keeps its first block dense)
+    expert_hidden: Optional[int] = None  # F of each routed expert; None = ffn_hidden
+    n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each of width shared_hidden
+    shared_hidden: Optional[int] = None  # None = expert_hidden
+    router: str = "softmax"  # see ROUTERS
+    renormalize: bool = True  # softmax top-k: renormalise over the chosen K (Mixtral) or not (Switch)
+    capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(cf * N * K / E) slots
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss weight
+    bias_update_rate: float = 1e-3  # DeepSeek-V3 selection-bias step (router="sigmoid_bias")
+    router_init_std: Optional[float] = None  # None = init_std
+    # --- bookkeeping ---
+    name: str = ""
+    counted_only: bool = False  # a published full-size config: count it, never build it
+
+    def __post_init__(self):
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {tuple(FLAVOURS)}, got {self.flavour!r}")
+        for key, value in FLAVOURS[self.flavour].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.n_embd
+        if self.expert_hidden is None:
+            self.expert_hidden = self.ffn_hidden
+        if self.shared_hidden is None:
+            self.shared_hidden = self.expert_hidden
+        if self.router_init_std is None:
+            self.router_init_std = self.init_std
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first invalid field and what would be valid."""
+
+        def need(cond, field, valid):
+            if not cond:
+                raise ValueError(f"Config.{field} = {getattr(self, field)!r} is invalid: {valid}")
+
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "it must be an integer >= 1")
+        need(self.n_embd % self.n_head == 0, "n_embd", f"it must be divisible by n_head = {self.n_head}")
+        need(self.n_head % self.n_kv_head == 0, "n_kv_head", f"it must divide n_head = {self.n_head}")
+        need(self.norm in NORMS, "norm", f"it must be one of {NORMS}")
+        need(self.activation in ACTIVATIONS, "activation", f"it must be one of {ACTIVATIONS}")
+        need(self.pos_emb in POS_EMBS, "pos_emb", f"it must be one of {POS_EMBS}")
+        if self.pos_emb == "rope":
+            need((self.n_embd // self.n_head) % 2 == 0, "n_embd", "RoPE needs an even head size n_embd/n_head")
+        need(self.rope_theta > 0, "rope_theta", "it must be > 0")
+        need(self.norm_eps > 0, "norm_eps", "it must be > 0")
+        need(0.0 <= self.dropout < 1.0, "dropout", "it must be in [0, 1)")
+        need(self.init_std > 0, "init_std", "it must be > 0")
+        need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "it must be an integer >= 0")
+        if self.n_experts > 0:
+            need(
+                isinstance(self.top_k, int) and 1 <= self.top_k <= self.n_experts,
+                "top_k",
+                f"it must be between 1 and n_experts = {self.n_experts}",
+            )
+            need(self.moe_every >= 1, "moe_every", "it must be >= 1")
+            need(0 <= self.first_dense <= self.n_layer, "first_dense", f"it must be in [0, {self.n_layer}]")
+            need(self.expert_hidden >= 1, "expert_hidden", "it must be >= 1")
+            need(self.shared_hidden >= 1, "shared_hidden", "it must be >= 1")
+            need(self.n_shared_experts >= 0, "n_shared_experts", "it must be >= 0")
+            need(self.router in ROUTERS, "router", f"it must be one of {ROUTERS}")
+            need(self.capacity_factor >= 0, "capacity_factor", "it must be >= 0 (0 = dropless)")
+            need(self.aux_loss_coef >= 0, "aux_loss_coef", "it must be >= 0")
+            need(self.z_loss_coef >= 0, "z_loss_coef", "it must be >= 0")
+
+    # ----- derived -----
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether block i (0-based) has a MoE layer in place of its dense MLP."""
+        return self.n_experts > 0 and i >= self.first_dense and (i + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown Config field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> Config:
+        """A copy with some fields changed (flavour-derived fields are kept unless changed)."""
+        d = self.to_dict()
+        d.update(changes)
+        return Config.from_dict(d)

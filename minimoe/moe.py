@@ -1,0 +1,157 @@
+"""The Mixture-of-Experts layer: router -> dispatch -> experts -> combine (+ shared experts).
+
+    h (B, T, C) -> (N, C), N = B*T
+    logits = h W_router                                  (N, E)
+    gates, idx = router(logits)                          (N, K) each, see ops/router.py
+    y = sum_k gates[:, k] * Expert_idx[:, k](h)          by sorting slots, see ops/experts.py
+      + SharedFFN(h)                                     DeepSeekMoE's always-on experts, if any
+and per layer the Switch balancing loss and the ST-MoE z-loss (ops/balance.py), whose weighted
+sum the model adds to the language-modelling loss.
+
+Parameters under `pre` (e.g. "blocks.1.moe."):
+    router.w (C, E);  router.w_noise (C, E) for noisy top-k
+    experts.w1 (E, C, F), experts.w2 (E, F, C), experts.w3 (E, C, F) for SwiGLU
+    shared.* one dense FFN of width n_shared_experts * shared_hidden (S always-on experts of
+    width F_s are exactly one FFN of width S*F_s: their hidden units simply sit side by side).
+Buffers (not trained): router_bias (E,) for the DeepSeek-V3 sigmoid router.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from minimoe import backend
+from minimoe.ops import balance, experts, linear, router
+
+
+def init_params(c, pre, rng, std, std_out) -> dict:
+    """Host float64 initial weights of one MoE layer (see module docstring for names)."""
+    from minimoe.model import init_ffn_params  # shared with the dense MLP
+
+    C, E, F = c.n_embd, c.n_experts, c.expert_hidden
+    p = {pre + "router.w": rng.standard_normal((C, E)) * c.router_init_std}
+    if c.router == "noisy":
+        p[pre + "router.w_noise"] = numpy.zeros((C, E))  # softplus(0) = 0.69: some noise from the start
+    p[pre + "experts.w1"] = rng.standard_normal((E, C, F)) * std
+    if c.activation == "swiglu":
+        p[pre + "experts.w3"] = rng.standard_normal((E, C, F)) * std
+    p[pre + "experts.w2"] = rng.standard_normal((E, F, C)) * std_out
+    if c.n_shared_experts:
+        S = c.n_shared_experts * c.shared_hidden
+        p.update(init_ffn_params(c, pre + "shared.", C, S, lambda shape, s: rng.standard_normal(shape) * s,
+                                 std, std_out))
+    return p
+
+
+def init_buffers(c) -> dict:
+    """Non-trained state: the DeepSeek-V3 selection bias of each MoE layer, zero at the start."""
+    if c.n_experts == 0 or c.router != "sigmoid_bias":
+        return {}
+    return {f"blocks.{i}.moe.router_bias": numpy.zeros(c.n_experts) for i in range(c.n_layer) if c.is_moe_block(i)}
+
+
+def moe_forward(c, h, p, buffers, pre, rng, training):
+    """h (B, T, C) -> y (B, T, C), cache, stats (dict of per-layer routing statistics)."""
+    from minimoe.model import ffn_forward
+
+    xp = backend.xp_of(h)
+    B, T, C = h.shape
+    N, E, K = B * T, c.n_experts, c.top_k
+    x = h.reshape(N, C)
+
+    # 1. router logits (N, E)
+    logits, c_router = linear.linear_forward(x, p[pre + "router.w"])
+    c_noise = c_wnoise = None
+    if c.router == "noisy":
+        noise_logits, c_wnoise = linear.linear_forward(x, p[pre + "router.w_noise"])
+        noise = rng.standard_normal((N, E), dtype=x.dtype) if training else None
+        sel_logits, c_noise = router.noisy_logits_forward(logits, noise_logits, noise)
+    else:
+        sel_logits = logits
+
+    # 2. gates and chosen experts (N, K)
+    if c.router == "sigmoid_bias":
+        gates, idx, c_gate = router.sigmoid_bias_topk_forward(sel_logits, buffers[pre + "router_bias"], K)
+    else:
+        renorm = True if c.router == "noisy" else c.renormalize
+        gates, idx, c_gate = router.softmax_topk_forward(sel_logits, K, renorm)
+
+    # 3. balancing losses on the full distribution, per layer
+    probs, c_probs = router.router_probs_forward(sel_logits, c.router)
+    aux, c_aux = balance.load_balancing_loss_forward(probs, idx, E)
+    z, c_z = balance.z_loss_forward(sel_logits)
+
+    # 4. dispatch -> experts -> combine
+    capacity = experts.capacity_for(N, K, E, c.capacity_factor)
+    x_sorted, offsets, counts, c_disp = experts.dispatch_forward(x, idx, E, capacity)
+    w = {k: p[pre + "experts." + k] for k in ("w1", "w2", "w3") if pre + "experts." + k in p}
+    y_sorted, c_exp = experts.experts_forward(x_sorted, offsets, w, c.activation)
+    y, c_comb = experts.combine_forward(y_sorted, gates, c_disp)
+
+    # 5. shared (always-on) experts
+    c_shared = None
+    if c.n_shared_experts:
+        ys, c_shared = ffn_forward(c, x, p, pre + "shared.")
+        y = y + ys
+
+    entropy = -(probs * xp.log(xp.maximum(probs, 1e-30))).sum(axis=-1).mean()
+    stats = {
+        "tokens_per_expert": counts,  # (E,) assignments before drops
+        "dropped_fraction": 1.0 - offsets[-1] / (N * K),
+        "router_entropy": entropy,
+        "aux_loss": aux,
+        "z_loss": z,
+        "expert_idx": idx,  # (N, K), for routing analysis
+    }
+    cache = (c_router, c_wnoise, c_noise, c_gate, c_probs, c_aux, c_z, c_disp, c_exp, c_comb, c_shared,
+             (B, T, C))
+    return y.reshape(B, T, C), cache, stats
+
+
+def moe_backward(c, dy, cache, pre, grads):
+    """dy (B, T, C) -> dh (B, T, C); writes this layer's parameter gradients into grads.
+
+    The router logits collect three gradients: from the gates (through combine), from the
+    balancing loss (through P) and from the z-loss, each scaled by its coefficient.
+    """
+    from minimoe.model import ffn_backward
+
+    (c_router, c_wnoise, c_noise, c_gate, c_probs, c_aux, c_z, c_disp, c_exp, c_comb, c_shared,
+     (B, T, C)) = cache
+    dy = dy.reshape(-1, C)
+
+    dx = ffn_backward(c, dy, c_shared, pre + "shared.", grads) if c_shared is not None else None
+    dy_sorted, dgates = experts.combine_backward(dy, c_comb)
+    dx_sorted, dw = experts.experts_backward(dy_sorted, c_exp)
+    for k, v in dw.items():
+        grads[pre + "experts." + k] = v
+    dx_disp = experts.dispatch_backward(dx_sorted, c_disp)
+    dx = dx_disp if dx is None else dx + dx_disp
+
+    if c.router == "sigmoid_bias":
+        dsel = router.sigmoid_bias_topk_backward(dgates, c_gate)
+    else:
+        dsel = router.softmax_topk_backward(dgates, c_gate)
+    dprobs = balance.load_balancing_loss_backward(c.aux_loss_coef, c_aux)
+    dsel += router.router_probs_backward(dprobs, c_probs, c.router)
+    dsel += balance.z_loss_backward(c.z_loss_coef, c_z)
+
+    dlogits, dnoise_logits = router.noisy_logits_backward(dsel, c_noise)
+    if c_wnoise is not None:
+        if dnoise_logits is None:  # evaluation-mode forward: the noise branch was unused
+            dnoise_logits = dlogits * 0
+        dxn, grads[pre + "router.w_noise"], _ = linear.linear_backward(dnoise_logits, c_wnoise)
+        dx = dx + dxn
+    dxr, grads[pre + "router.w"], _ = linear.linear_backward(dlogits, c_router)
+    return (dx + dxr).reshape(B, T, C)
+
+
+def update_bias(c, buffers, pre, stats):
+    """DeepSeek-V3 auxiliary-loss-free balancing (DeepSeek-AI 2024, sec. 2.1.2): after each
+    step, b_e -= gamma if expert e was overloaded (more than the mean N*K/E assignments) and
+    b_e += gamma if underloaded. A plain update, outside the optimizer and its gradients."""
+    if c.router != "sigmoid_bias":
+        return
+    xp = backend.xp_of(buffers[pre + "router_bias"])
+    load = stats["tokens_per_expert"].astype(buffers[pre + "router_bias"].dtype)
+    buffers[pre + "router_bias"] += c.bias_update_rate * xp.sign(load.mean() - load)

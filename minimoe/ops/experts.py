@@ -1,0 +1,140 @@
+"""Experts and the dispatch/combine that move token-slots to them and back, by sorting.
+
+Legend: N tokens, C channels, E experts, K experts per token, F expert hidden size,
+M slots kept (N*K when dropless). A *slot* is one (token n, choice k) pair.
+
+    x (N, C) --dispatch--> x_sorted (M, C), slots grouped by expert into contiguous slices
+             --experts---> y_sorted (M, C), expert e applied to its slice offsets[e]:offsets[e+1]
+             --combine---> y (N, C) = sum_k gates[n, k] * y_sorted[slot of (n, k)]
+
+Slots are numbered s = k * N + n ("choice rank major"), and sorted by expert with a STABLE sort,
+so within one expert the slots stand in the order: all first choices (k = 0) by token index n,
+then all second choices, and so on. With a capacity, each expert keeps its first `capacity` slots
+in that order and DROPS the rest: first choices win over second choices, and among equals the
+earlier token in the batch (n = b*T + t) wins. A dropped slot contributes nothing to the output;
+a token whose every slot was dropped passes through the block on the residual stream alone.
+"""
+
+from minimoe import backend
+from minimoe.ops import ffn
+
+
+def capacity_for(N, K, E, capacity_factor):
+    """Slots per expert: ceil(capacity_factor * N * K / E); None when dropless (factor 0)."""
+    if not capacity_factor:
+        return None
+    return max(1, int(-(-capacity_factor * N * K // E)))
+
+
+def dispatch_forward(x, idx, E, capacity=None):
+    """x (N, C), idx (N, K) -> x_sorted (M, C), offsets (E+1,) host ints, counts (E,), cache.
+
+    counts are the assignments per expert BEFORE drops (what the balancing loss and the load
+    statistics use); offsets bound each expert's slice of kept slots.
+
+    The permutation `order` sorts slots by expert; `slot_pos` (N, K) is its inverse: where each
+    slot landed in x_sorted, or M (a null row) when it was dropped.
+    """
+    xp = backend.xp_of(x)
+    N, K = idx.shape
+    expert_of_slot = idx.T.reshape(-1)  # slot s = k*N + n
+    order = xp.argsort(expert_of_slot, kind="stable") if xp.__name__ == "numpy" else xp.argsort(expert_of_slot)
+    counts = xp.bincount(expert_of_slot, minlength=E)  # assignments per expert, before drops
+    if capacity is not None:
+        starts = xp.cumsum(counts) - counts
+        rank_in_expert = xp.arange(N * K) - starts[expert_of_slot[order]]
+        order = order[rank_in_expert < capacity]
+        kept = xp.minimum(counts, capacity)
+    else:
+        kept = counts
+    M = order.shape[0]
+    slot_pos = xp.full(N * K, M, dtype=xp.int64)
+    slot_pos[order] = xp.arange(M)
+    token = order % N
+    x_sorted = x[token]
+    offsets = [0] + backend.to_numpy(xp.cumsum(kept)).tolist()  # E+1 slice bounds, on the host
+    cache = (order, token, slot_pos.reshape(K, N).T, M, N, K)
+    return x_sorted, offsets, counts, cache
+
+
+def dispatch_backward(dx_sorted, cache):
+    """dx_sorted (M, C) -> dx (N, C): each token gathers the gradients of its kept slots
+    (the inverse permutation; no scatter-add needed since we gather per choice rank)."""
+    xp = backend.xp_of(dx_sorted)
+    order, token, slot_pos, M, N, K = cache
+    C = dx_sorted.shape[1]
+    if M < N * K:  # some slots were dropped: point them at an appended zero row
+        dx_sorted = xp.concatenate([dx_sorted, xp.zeros((1, C), dtype=dx_sorted.dtype)])
+    dx = dx_sorted[slot_pos[:, 0]]
+    for k in range(1, K):
+        dx += dx_sorted[slot_pos[:, k]]
+    return dx
+
+
+def combine_forward(y_sorted, gates, cache):
+    """y_sorted (M, C), gates (N, K) -> y (N, C) = sum_k gates[n, k] * y_sorted[slot_pos[n, k]]."""
+    xp = backend.xp_of(y_sorted)
+    order, token, slot_pos, M, N, K = cache
+    gate_sorted = gates.T.reshape(-1)[order]  # gate of each kept slot, in sorted order
+    weighted = y_sorted * gate_sorted[:, None]
+    if M < N * K:
+        weighted = xp.concatenate([weighted, xp.zeros((1, weighted.shape[1]), dtype=weighted.dtype)])
+    y = weighted[slot_pos[:, 0]]
+    for k in range(1, K):
+        y += weighted[slot_pos[:, k]]
+    return y, (y_sorted, gate_sorted, cache)
+
+
+def combine_backward(dy, cache):
+    """dy (N, C) -> dy_sorted (M, C), dgates (N, K).
+    dy_sorted[slot] = gate[slot] * dy[token of slot];  dgate[slot] = <dy[token], y_sorted[slot]>;
+    dropped slots get dgate = 0."""
+    xp = backend.xp_of(dy)
+    y_sorted, gate_sorted, (order, token, slot_pos, M, N, K) = cache
+    dy_tok = dy[token]  # (M, C)
+    dy_sorted = dy_tok * gate_sorted[:, None]
+    dgate_sorted = (dy_tok * y_sorted).sum(axis=-1)
+    dgates = xp.zeros(N * K, dtype=dy.dtype)
+    dgates[order] = dgate_sorted
+    return dy_sorted, dgates.reshape(K, N).T
+
+
+def experts_forward(x_sorted, offsets, w, activation="swiglu"):
+    """x_sorted (M, C) -> y_sorted (M, C): expert e's FFN on rows offsets[e]:offsets[e+1].
+
+    w: dict of stacked weights, swiglu: w1, w3 (E, C, F), w2 (E, F, C);
+    gelu / gelu_exact: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
+    """
+    xp = backend.xp_of(x_sorted)
+    E = w["w1"].shape[0]
+    y = xp.empty_like(x_sorted)
+    caches = []
+    for e in range(E):
+        a, b = offsets[e], offsets[e + 1]
+        if a == b:
+            caches.append(None)
+            continue
+        if activation == "swiglu":
+            y[a:b], c = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
+        else:
+            approx = "tanh" if activation == "gelu" else "none"
+            y[a:b], c = ffn.gelu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx)
+        caches.append(c)
+    return y, (caches, offsets, activation, {k: v.shape for k, v in w.items()})
+
+
+def experts_backward(dy_sorted, cache):
+    """dy_sorted (M, C) -> dx_sorted (M, C), dict of stacked weight gradients (E, ., .)."""
+    xp = backend.xp_of(dy_sorted)
+    caches, offsets, activation, shapes = cache
+    dw = {k: xp.zeros(s, dtype=dy_sorted.dtype) for k, s in shapes.items()}
+    dx = xp.empty_like(dy_sorted)
+    for e, c in enumerate(caches):
+        if c is None:
+            continue
+        a, b = offsets[e], offsets[e + 1]
+        if activation == "swiglu":
+            dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
+        else:
+            dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
+    return dx, dw

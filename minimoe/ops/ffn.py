@@ -1,0 +1,45 @@
+"""Position-wise feed-forward networks (the transformer's MLP), built from the ops above.
+
+GELU MLP (GPT-2):  y = GELU(x W1 + b1) W2 + b2           W1 (C, F), W2 (F, C)
+SwiGLU (Llama):    y = (SiLU(x W1) * (x W3)) W2           W1, W3 (C, F), W2 (F, C)
+The same functions serve dense blocks and DeepSeekMoE's always-on shared experts.
+"""
+
+from minimoe.ops.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
+from minimoe.ops.linear import linear_backward, linear_forward
+
+
+def gelu_mlp_forward(x, w1, b1, w2, b2, approximate="tanh"):
+    """(..., C) -> (..., C)."""
+    h, c1 = linear_forward(x, w1, b1)
+    a, ca = gelu_forward(h, approximate)
+    y, c2 = linear_forward(a, w2, b2)
+    return y, (c1, ca, c2)
+
+
+def gelu_mlp_backward(dy, cache):
+    """dy (..., C) -> dx, dw1, db1, dw2, db2 (biases None when absent)."""
+    c1, ca, c2 = cache
+    da, dw2, db2 = linear_backward(dy, c2)
+    dh = gelu_backward(da, ca)
+    dx, dw1, db1 = linear_backward(dh, c1)
+    return dx, dw1, db1, dw2, db2
+
+
+def swiglu_mlp_forward(x, w1, w3, w2):
+    """(..., C) -> (..., C)."""
+    g, c1 = linear_forward(x, w1)
+    u, c3 = linear_forward(x, w3)
+    a, ca = swiglu_forward(g, u)
+    y, c2 = linear_forward(a, w2)
+    return y, (c1, c3, ca, c2)
+
+
+def swiglu_mlp_backward(dy, cache):
+    """dy (..., C) -> dx, dw1, dw3, dw2."""
+    c1, c3, ca, c2 = cache
+    da, dw2, _ = linear_backward(dy, c2)
+    dg, du = swiglu_backward(da, ca)
+    dx1, dw1, _ = linear_backward(dg, c1)
+    dx3, dw3, _ = linear_backward(du, c3)
+    return dx1 + dx3, dw1, dw3, dw2

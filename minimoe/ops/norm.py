@@ -1,0 +1,52 @@
+"""Normalisation layers: LayerNorm (GPT-2) and RMSNorm (Llama, Mixtral), over the last axis C."""
+
+from minimoe import backend
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """(..., C) -> (..., C).  y = (x - mean) / sqrt(var + eps) * w + b  (Ba et al. 2016)."""
+    xp = backend.xp_of(x)
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = xc * rstd
+    y = xhat * w + b
+    return y, (xhat, rstd, w)
+
+
+def layernorm_backward(dy, cache):
+    """dy (..., C) -> dx (..., C), dw (C,), db (C,).
+
+    With g = dy * w (the gradient at xhat) and means taken over C:
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    (the two subtracted terms are the paths through the mean and through the variance).
+    """
+    xhat, rstd, w = cache
+    C = w.shape[0]
+    g = dy * w
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dw = (dy * xhat).reshape(-1, C).sum(axis=0)
+    db = dy.reshape(-1, C).sum(axis=0)
+    return dx, dw, db
+
+
+def rmsnorm_forward(x, w, eps=1e-5):
+    """(..., C) -> (..., C).  y = x / sqrt(mean(x^2) + eps) * w  (Zhang & Sennrich 2019)."""
+    xp = backend.xp_of(x)
+    rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    xhat = x * rstd
+    return xhat * w, (xhat, rstd, w)
+
+
+def rmsnorm_backward(dy, cache):
+    """dy (..., C) -> dx (..., C), dw (C,).
+
+    With g = dy * w:  dx = rstd * (g - xhat * mean(g * xhat))   (no mean to subtract).
+    """
+    xhat, rstd, w = cache
+    C = w.shape[0]
+    g = dy * w
+    dx = rstd * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dw = (dy * xhat).reshape(-1, C).sum(axis=0)
+    return dx, dw

@@ -1,0 +1,123 @@
+"""Token-choice routers: each token picks its K experts and a gate weight for each.
+
+Legend: N tokens (B*T), E experts, K experts per token. Every router returns
+    gates (N, K) float -- the weights that multiply the chosen experts' outputs,
+    idx   (N, K) int   -- the chosen experts, best first,
+and its backward takes dgates and returns dlogits (N, E). Top-k selection is piecewise constant:
+no gradient flows through *which* experts were chosen, only through the gate values.
+"""
+
+from minimoe import backend
+from minimoe.ops.activation import sigmoid, softmax_backward, softmax_forward
+
+
+def _scatter_rows(vals, idx, E):
+    """vals (N, K) placed at columns idx (N, K) of a zero (N, E) array (the K columns differ)."""
+    xp = backend.xp_of(vals)
+    out = xp.zeros((vals.shape[0], E), dtype=vals.dtype)
+    xp.put_along_axis(out, idx, vals, axis=-1)
+    return out
+
+
+def softmax_topk_forward(logits, k, renormalize=True):
+    """logits (N, E) -> gates (N, K), idx (N, K), cache.
+
+    p = softmax(logits); idx = the K largest p (equivalently the K largest logits).
+    renormalize=True (Mixtral, Jiang et al. 2024):  gates = p_idx / sum(p_idx)
+        which equals softmax over the K chosen logits alone.
+        With K = 1 the gate is always exactly 1, so the router receives NO gradient from the
+        language-modelling loss (only from auxiliary losses): Switch does not renormalise.
+    renormalize=False (Switch, Fedus et al. 2021, eq. 2; OLMoE): gates = p_idx.
+    """
+    xp = backend.xp_of(logits)
+    idx = backend.topk_indices(logits, k)
+    if renormalize:
+        sel = xp.take_along_axis(logits, idx, axis=-1)
+        gates, sm_cache = softmax_forward(sel)
+    else:
+        p, sm_cache = softmax_forward(logits)
+        gates = xp.take_along_axis(p, idx, axis=-1)
+    return gates, idx, (renormalize, sm_cache, idx, logits.shape[-1])
+
+
+def softmax_topk_backward(dgates, cache):
+    """dgates (N, K) -> dlogits (N, E).
+    renormalised: a softmax over the chosen logits, so dlogits_idx = g (dg - sum(dg g)), 0 elsewhere.
+    not renormalised: scatter dg into the full (N, E) softmax gradient, then through the softmax."""
+    renormalize, sm_cache, idx, E = cache
+    if renormalize:
+        return _scatter_rows(softmax_backward(dgates, sm_cache), idx, E)
+    return softmax_backward(_scatter_rows(dgates, idx, E), sm_cache)
+
+
+def noisy_logits_forward(clean, noise_logits, noise):
+    """Noisy top-k gating (Shazeer et al. 2017, eq. 4):  H = clean + noise * softplus(noise_logits).
+
+    clean = x W_g, noise_logits = x W_noise (N, E); noise (N, E) standard normal, drawn by the
+    caller in training (pass None at evaluation: H = clean). The learned softplus scale lets
+    the router decide how much exploration each expert gets. Then softmax_topk (renormalised).
+    """
+    xp = backend.xp_of(clean)
+    if noise is None:
+        return clean, None
+    # softplus(z) = log(1 + e^z), computed stably as max(z, 0) + log1p(e^-|z|)
+    sp = xp.maximum(noise_logits, 0) + xp.log1p(xp.exp(-xp.abs(noise_logits)))
+    return clean + noise * sp, (noise, noise_logits)
+
+
+def noisy_logits_backward(dH, cache):
+    """dH (N, E) -> dclean (N, E), dnoise_logits (N, E) or None.  softplus'(z) = sigmoid(z)."""
+    if cache is None:
+        return dH, None
+    noise, noise_logits = cache
+    return dH, dH * noise * sigmoid(noise_logits)
+
+
+def sigmoid_bias_topk_forward(logits, bias, k):
+    """DeepSeek-V3's router (DeepSeek-AI 2024, eqs. 13-16): auxiliary-loss-free balancing.
+
+    logits (N, E), bias (E,) -> gates (N, K), idx (N, K), cache.
+        s = sigmoid(logits)                 affinity of each token to each expert
+        idx = topk(s + bias)                the bias only CHOOSES the experts ...
+        gates = s_idx / sum(s_idx)          ... the gates use the unbiased scores, renormalised.
+    The bias is not a parameter: no gradient reaches it and the optimizer never sees it; it is
+    nudged between steps towards balanced load (see `moe.update_bias`).
+    """
+    xp = backend.xp_of(logits)
+    s = sigmoid(logits)
+    idx = backend.topk_indices(s + bias, k)
+    s_sel = xp.take_along_axis(s, idx, axis=-1)
+    total = s_sel.sum(axis=-1, keepdims=True)
+    gates = s_sel / total
+    return gates, idx, (s, idx, gates, total)
+
+
+def sigmoid_bias_topk_backward(dgates, cache):
+    """dgates (N, K) -> dlogits (N, E).
+    g_j = s_j / S with S = sum_sel s  =>  ds_i = (dg_i - sum_j dg_j g_j) / S on the chosen i;
+    then through the sigmoid: dlogit = ds * s (1 - s)."""
+    s, idx, gates, total = cache
+    ds_sel = (dgates - (dgates * gates).sum(axis=-1, keepdims=True)) / total
+    ds = _scatter_rows(ds_sel, idx, s.shape[-1])
+    return ds * s * (1.0 - s)
+
+
+def router_probs_forward(logits, kind):
+    """The router's full distribution over experts P (N, E), used by the balancing loss and the
+    entropy statistic: softmax(logits) for softmax routers; for the sigmoid router, the scores
+    normalised to sum to one, s / sum(s) (DeepSeek-V3, eq. 19)."""
+    if kind != "sigmoid_bias":
+        return softmax_forward(logits)
+    s = sigmoid(logits)
+    total = s.sum(axis=-1, keepdims=True)
+    return s / total, (s, total)
+
+
+def router_probs_backward(dprobs, cache, kind):
+    """dprobs (N, E) -> dlogits (N, E)."""
+    if kind != "sigmoid_bias":
+        return softmax_backward(dprobs, cache)
+    s, total = cache
+    probs = s / total
+    ds = (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) / total
+    return ds * s * (1.0 - s)

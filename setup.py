@@ -1,0 +1,36 @@
+"""minimoe: a from-scratch NumPy GPT-style Mixture-of-Experts language model.
+
+Every forward and backward pass is written by hand; the same code runs on CuPy for a GPU.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="minimoe",
+    version="0.1.0",
+    description="A from-scratch NumPy GPT-style Mixture-of-Experts language model with hand-written backward passes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["minimoe", "minimoe.*"]),
+    install_requires=["numpy>=1.24"],
+    extras_require={
+        # CuPy wheels are built per CUDA major version; pick the one matching your driver.
+        "gpu": ["cupy-cuda12x>=13"],
+        "gpu-cuda12": ["cupy-cuda12x>=13"],
+        "gpu-cuda13": ["cupy-cuda13x>=14"],
+        "lessons": ["jupyter", "nbclient>=0.7", "nbformat>=5", "ipykernel", "matplotlib>=3.5", "tqdm"],
+        "test": ["pytest>=7", "ruff>=0.5", "nbmake>=1.4", "nbclient>=0.7", "nbformat>=5", "ipykernel",
+                 "matplotlib>=3.5"],
+        # Only for comparisons (parity tests, benchmarks); never needed to train.
+        "hf": ["safetensors", "tokenizers"],
+        "compare": ["torch", "transformers", "safetensors"],
+    },
+    entry_points={"console_scripts": ["minimoe=minimoe.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

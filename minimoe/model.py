@@ -158,11 +158,10 @@ class GPT:
             raise ValueError(f"{name} must be an integer array of shape (B, T), got {getattr(idx, 'shape', type(idx))}")
         if idx.dtype.kind not in "iu":
             raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
-        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            if name == "targets":
-                return  # targets may hold ignore_index (-1); checked by cross-entropy
+        lo = -1 if name == "targets" else 0  # targets may hold ignore_index = -1 (not counted)
+        if idx.size and (int(idx.min()) < lo or int(idx.max()) >= self.config.vocab_size):
             raise ValueError(
-                f"{name} holds ids outside [0, {self.config.vocab_size}); got min {int(idx.min())}, "
+                f"{name} holds ids outside [{lo}, {self.config.vocab_size}); got min {int(idx.min())}, "
                 f"max {int(idx.max())}"
             )
         return xp

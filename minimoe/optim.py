@@ -104,6 +104,11 @@ def cosine_lr(step: int, max_lr: float, warmup_iters: int, max_iters: int, min_l
     min_lr (default max_lr / 10, as in Chinchilla-style schedules)."""
     if min_lr is None:
         min_lr = max_lr / 10
+    for name, value in (("step", step), ("warmup_iters", warmup_iters), ("max_iters", max_iters)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if max_lr < 0 or not 0 <= min_lr <= max_lr:
+        raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr = {min_lr}, max_lr = {max_lr}")
     if warmup_iters > 0 and step < warmup_iters:
         return max_lr * (step + 1) / warmup_iters
     if step >= max_iters:

@@ -5,6 +5,7 @@ g = H / Hkv query heads sharing one key/value head (g = 1: multi-head; Hkv = 1: 
 Query head h uses key/value head h // g (the layout of Hugging Face's `repeat_kv`).
 """
 
+import functools
 import math
 
 from minimoe import backend
@@ -34,7 +35,12 @@ def rope_forward(x, cos, sin):
     xp = backend.xp_of(x)
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
-    y = xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    y = xp.empty(x.shape, dtype=x.dtype)  # both halves written in place: no concatenate copy
+    y1, y2 = y[..., :h], y[..., h:]
+    xp.multiply(x1, cos, out=y1)
+    y1 -= x2 * sin
+    xp.multiply(x2, cos, out=y2)
+    y2 += x1 * sin
     return y, (cos, sin)
 
 
@@ -45,12 +51,26 @@ def rope_backward(dy, cache):
     xp = backend.xp_of(dy)
     h = dy.shape[-1] // 2
     d1, d2 = dy[..., :h], dy[..., h:]
-    return xp.concatenate([d1 * cos + d2 * sin, d2 * cos - d1 * sin], axis=-1)
+    dx = xp.empty(dy.shape, dtype=dy.dtype)
+    dx1, dx2 = dx[..., :h], dx[..., h:]
+    xp.multiply(d1, cos, out=dx1)
+    dx1 += d2 * sin
+    xp.multiply(d2, cos, out=dx2)
+    dx2 -= d1 * sin
+    return dx
 
 
 # ---------------------------------------------------------------------------------------------
 # Attention core: softmax(q k^T / sqrt(D) + causal mask) v   (Vaswani et al. 2017, eq. 1)
 # ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(Tq, Tk, xp, dtype):
+    """(Tq, Tk) additive mask: 0 where query i (at position Tk - Tq + i) may see key j, else -inf.
+    Cached: building it with `where` costs more than using it, and it depends on sizes only."""
+    allowed = xp.arange(Tk)[None, :] <= (xp.arange(Tq) + (Tk - Tq))[:, None]
+    return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
 
 
 def causal_attention_forward(q, k, v):
@@ -68,15 +88,14 @@ def causal_attention_forward(q, k, v):
     g = H // Hkv
     scale = 1.0 / math.sqrt(D)
     qg = q.reshape(B, Hkv, g * Tq, D)
-    s = qg @ k.swapaxes(-1, -2)  # (B, Hkv, g*Tq, Tk) attention scores
-    s *= scale
-    # causal mask: -inf where key position > query position; broadcast over (B, Hkv, g)
-    allowed = xp.arange(Tk)[None, :] <= (xp.arange(Tq) + (Tk - Tq))[:, None]  # (Tq, Tk)
-    s.reshape(B, Hkv, g, Tq, Tk)[...] += xp.where(allowed, 0.0, -xp.inf).astype(s.dtype)
-    # softmax over keys, in place: p = exp(s - max) / sum
+    # attention scores (B, Hkv, g*Tq, Tk); scaling q (Tq*D numbers) is cheaper than scaling s (Tq*Tk)
+    s = (qg * scale) @ k.swapaxes(-1, -2)
+    # causal mask, broadcast over (B, Hkv, g)
+    s.reshape(B, Hkv, g, Tq, Tk)[...] += _causal_mask(Tq, Tk, xp, s.dtype)
+    # softmax over keys, in place (every pass over the Tq*Tk scores costs as much as a matmul)
     s -= s.max(axis=-1, keepdims=True)
     xp.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
+    s *= 1.0 / s.sum(axis=-1, keepdims=True)  # one division per row, then multiplies
     p = s
     y = (p @ v).reshape(B, H, Tq, D)
     return y, (qg, k, v, p, scale)
@@ -91,17 +110,22 @@ def causal_attention_backward(dy, cache):
     Because the g heads of a group were stacked along time, the matmuls for dk and dv sum over
     the group automatically (a key/value head's gradient is the sum over the heads that read it).
     """
+    xp = backend.xp_of(dy)
     qg, k, v, p, scale = cache
     B, H, Tq, D = dy.shape
     Hkv = k.shape[1]
     dyg = dy.reshape(B, Hkv, -1, D)
     dv = p.swapaxes(-1, -2) @ dyg
     dp = dyg @ v.swapaxes(-1, -2)
-    dp -= (dp * p).sum(axis=-1, keepdims=True)
-    ds = p * dp
-    ds *= scale
+    # softmax backward in place in dp's buffer; einsum sums dp * p without a (Tq, Tk) temporary
+    dp -= xp.einsum("...ij,...ij->...i", dp, p)[..., None]
+    dp *= p
+    ds = dp
+    # the scale goes on the (T, D) results rather than on ds (Tq, Tk)
     dq = (ds @ k).reshape(B, H, Tq, D)
+    dq *= scale
     dk = ds.swapaxes(-1, -2) @ qg
+    dk *= scale
     return dq, dk, dv
 
 
@@ -133,14 +157,15 @@ def self_attention_forward(x, wqkv, bqkv, wo, bo, n_head, n_kv_head, rope=None, 
     kv: None, or (KVCache, layer) to append this call's keys/values and attend over all cached
         positions (generation; the backward is not available then).
     """
+    xp = backend.xp_of(x)
     B, T, C = x.shape
     H, Hkv = n_head, n_kv_head
     D = wo.shape[0] // H
     qkv, qkv_cache = linear_forward(x, wqkv, bqkv)  # (B, T, (H + 2Hkv) D)
-    # split and move heads forward: (B, T, n, D) -> (B, n, T, D)
-    q = qkv[..., : H * D].reshape(B, T, H, D).transpose(0, 2, 1, 3)
-    k = qkv[..., H * D : (H + Hkv) * D].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-    v = qkv[..., (H + Hkv) * D :].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+    # move heads forward with ONE copy, (B, T, n, D) -> (B, n, T, D), n = H + 2 Hkv: each head's
+    # (T, D) matrix is then contiguous, which the batched matmuls need to run at full speed
+    heads = xp.ascontiguousarray(qkv.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3))
+    q, k, v = heads[:, :H], heads[:, H : H + Hkv], heads[:, H + Hkv :]
     q_rope = k_rope = None
     if rope is not None:
         q, q_rope = rope_forward(q, *rope)
@@ -170,14 +195,13 @@ def self_attention_backward(dy, cache):
     if q_rope is not None:
         dq = rope_backward(dq, q_rope)
         dk = rope_backward(dk, k_rope)
-    # back to (B, T, n*D) and side by side [dq | dk | dv], the layout of wqkv's output
-    dqkv = xp.concatenate(
-        [
-            dq.transpose(0, 2, 1, 3).reshape(B, T, H * D),
-            dk.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D),
-            dv.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D),
-        ],
-        axis=-1,
-    )
+    # write dq, dk, dv straight into wqkv's output layout (B, T, [dq | dk | dv]), seen as
+    # (B, n, T, D) through a transposed view: one strided copy each, no concatenate
+    dqkv = xp.empty((B, T, H + 2 * Hkv, D), dtype=dy.dtype)
+    dheads = dqkv.transpose(0, 2, 1, 3)
+    dheads[:, :H] = dq
+    dheads[:, H : H + Hkv] = dk
+    dheads[:, H + Hkv :] = dv
+    dqkv = dqkv.reshape(B, T, (H + 2 * Hkv) * D)
     dx, dwqkv, dbqkv = linear_backward(dqkv, qkv_cache)
     return dx, dwqkv, dbqkv, dwo, dbo

@@ -15,6 +15,9 @@ earlier token in the batch (n = b*T + t) wins. A dropped slot contributes nothin
 a token whose every slot was dropped passes through the block on the residual stream alone.
 """
 
+import math
+from fractions import Fraction
+
 from minimoe import backend
 from minimoe.ops import ffn
 
@@ -23,7 +26,8 @@ def capacity_for(N, K, E, capacity_factor):
     """Slots per expert: ceil(capacity_factor * N * K / E); None when dropless (factor 0)."""
     if not capacity_factor:
         return None
-    return max(1, int(-(-capacity_factor * N * K // E)))
+    # exact rational arithmetic: in floats 1.1 * 100 / 10 = 11.000000000000002 would round up to 12
+    return max(1, math.ceil(Fraction(str(capacity_factor)) * N * K / E))
 
 
 def dispatch_forward(x, idx, E, capacity=None):

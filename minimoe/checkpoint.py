@@ -1,0 +1,257 @@
+"""Checkpoints: one `.npz` file holding everything needed to sample from or resume a run.
+
+Layout of OUT/ckpt.npz (every entry a plain array, so it loads with allow_pickle=False):
+    format             "minimoe-checkpoint-1"
+    config             JSON of Config.to_dict()
+    tokenizer          JSON of tokenizer.to_dict()  ("null" when none was saved)
+    train_state        JSON: iteration, best val loss, options, metrics summary, ...
+    rng                JSON: bit-generator states of the data-sampling rng and of model.rng
+    param/<name>       model.params[name]    (host copies, in the model's dtype)
+    buffer/<name>      model.buffers[name]   (state not trained by the optimizer)
+    optim/t            AdamW step count, int64 0-d
+    optim/m/<name>, optim/v/<name>           AdamW first and second moments
+Text is stored as 0-d unicode arrays (np.array("...")): NumPy saves those without pickle.
+
+The file is written to a temporary file in the same directory and moved into place with
+os.replace, which is atomic: a reader sees the old checkpoint or the new one, never half of one,
+and a failed write leaves the old checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from minimoe import backend
+from minimoe.config import Config
+
+FORMAT = "minimoe-checkpoint-1"
+FILENAME = "ckpt.npz"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, corrupt or does not fit its model (one sentence)."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file, on the host (numpy arrays and JSON values)."""
+
+    path: Path
+    config: Config
+    params: dict
+    buffers: dict = field(default_factory=dict)
+    optimizer: dict | None = None  # {"t": int, "m": {name: array}, "v": {name: array}}
+    tokenizer: dict | None = None
+    train_state: dict = field(default_factory=dict)
+    rng: dict = field(default_factory=dict)
+
+
+def checkpoint_path(path) -> Path:
+    """OUT/ckpt.npz for a directory OUT (existing or not, unless it ends in .npz); else the path."""
+    p = Path(path)
+    if p.is_dir() or p.suffix != ".npz":
+        return p / FILENAME
+    return p
+
+
+def rng_state(rng):
+    """The JSON-able state of a random generator (numpy's bit_generator.state), or None when the
+    generator does not expose one (e.g. CuPy's); such a generator is reseeded on resume."""
+    try:
+        state = rng.bit_generator.state
+        json.dumps(state)
+        return state
+    except Exception:
+        return None
+
+
+def set_rng_state(rng, state) -> bool:
+    """Restore a state saved by `rng_state`; False when it cannot be applied to this generator."""
+    if state is None:
+        return False
+    try:
+        rng.bit_generator.state = state
+        return True
+    except Exception:
+        return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _text(obj) -> np.ndarray:
+    return np.array(json.dumps(obj))
+
+
+def save_checkpoint(path, model, optimizer=None, tokenizer=None, train_state=None, rngs=None) -> Path:
+    """Write model (+ optimizer, tokenizer, training state, rng states) to `path` atomically.
+
+    path: a directory (the file is path/ckpt.npz) or a file name ending in .npz.
+    rngs: {"data": numpy Generator, "model": model.rng, ...}; their states are stored as JSON.
+    Returns the checkpoint's path.
+    """
+    dest = checkpoint_path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "format": np.array(FORMAT),
+        "config": _text(model.config.to_dict()),
+        "tokenizer": _text(tokenizer.to_dict() if tokenizer is not None else None),
+        "train_state": _text(train_state or {}),
+        "rng": _text({k: rng_state(r) for k, r in (rngs or {}).items()}),
+    }
+    for name, value in model.params.items():
+        arrays["param/" + name] = backend.to_numpy(value)
+    for name, value in model.buffers.items():
+        arrays["buffer/" + name] = backend.to_numpy(value)
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        arrays["optim/t"] = np.array(int(state["t"]), dtype=np.int64)
+        for name in model.params:
+            arrays["optim/m/" + name] = backend.to_numpy(state["m"][name])
+            arrays["optim/v/" + name] = backend.to_numpy(state["v"][name])
+
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; use the usual mode
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _json_entry(data, key, where):
+    try:
+        return json.loads(str(data[key][()]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{where} has an unreadable {key!r} entry ({e}); the file is corrupt") from None
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint file (or OUT/ckpt.npz for a directory OUT) into host arrays.
+
+    Raises CheckpointError for a missing, truncated, corrupt or foreign file.
+    """
+    p = checkpoint_path(path)
+    where = f"checkpoint {str(p)!r}"
+    if not p.is_file():
+        raise CheckpointError(
+            f"no checkpoint exists at {str(p)!r}; train one first with `minimoe train --out DIR`"
+        )
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "format" not in z.files:
+                raise CheckpointError(
+                    f"{str(p)!r} is a .npz file but not a minimoe checkpoint (no 'format' entry)"
+                )
+            # read every array now: a truncated zip often fails only when an entry is read
+            data = {k: z[k] for k in z.files}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        # numpy reads a file that is no zip archive as a pickle, which allow_pickle=False refuses
+        why = "it is not a .npz archive" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{where} cannot be read ({why}); it is truncated or corrupt") from None
+    fmt = str(data["format"][()])
+    if fmt != FORMAT:
+        raise CheckpointError(f"{where} has format {fmt!r}; this version of minimoe reads {FORMAT!r}")
+    try:
+        config = Config.from_dict(_json_entry(data, "config", where))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where} holds an invalid model config ({e})") from None
+
+    def group(prefix):
+        return {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+
+    optimizer = None
+    if "optim/t" in data:
+        optimizer = {"t": int(data["optim/t"]), "m": group("optim/m/"), "v": group("optim/v/")}
+    return Checkpoint(
+        path=p,
+        config=config,
+        params=group("param/"),
+        buffers=group("buffer/"),
+        optimizer=optimizer,
+        tokenizer=_json_entry(data, "tokenizer", where),
+        train_state=_json_entry(data, "train_state", where) or {},
+        rng=_json_entry(data, "rng", where) or {},
+    )
+
+
+def _check_arrays(where, kind, got: dict, want: dict):
+    """Same names and shapes as the model's arrays, or a CheckpointError naming the first misfit."""
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        what = f"lacks {kind} {missing[:3]}" if missing else f"has unexpected {kind} {extra[:3]}"
+        raise CheckpointError(f"{where} {what} for its config; it does not belong to this model")
+    for name, arr in want.items():
+        if tuple(got[name].shape) != tuple(arr.shape):
+            raise CheckpointError(
+                f"{where} has {kind} {name!r} of shape {tuple(got[name].shape)} but its config needs "
+                f"{tuple(arr.shape)}; the file is corrupt or mismatched"
+            )
+
+
+def build_model(ckpt: Checkpoint, dtype: str | None = None):
+    """A GPT with the checkpoint's config, parameters and buffers (on the current backend)."""
+    from minimoe.model import GPT
+
+    where = f"checkpoint {str(ckpt.path)!r}"
+    if dtype is None:
+        first = next(iter(ckpt.params.values()), None)
+        dtype = first.dtype.name if first is not None and first.dtype.name in ("float32", "float64") else None
+    try:
+        model = GPT(ckpt.config, seed=int(ckpt.train_state.get("seed", 0)), dtype=dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{where} cannot be built into a model ({e})") from None
+    _check_arrays(where, "parameter(s)", ckpt.params, model.params)
+    _check_arrays(where, "buffer(s)", ckpt.buffers, model.buffers)
+    for name, value in ckpt.params.items():
+        model.params[name][...] = backend.to_device(value, model.xp, model.dtype)
+    for name, value in ckpt.buffers.items():
+        model.buffers[name][...] = backend.to_device(value, model.xp, model.dtype)
+    return model
+
+
+def load_optimizer_state(ckpt: Checkpoint, optimizer, model):
+    """Restore AdamW moments and step count from the checkpoint into `optimizer` (in place)."""
+    where = f"checkpoint {str(ckpt.path)!r}"
+    if ckpt.optimizer is None:
+        raise CheckpointError(f"{where} holds no optimizer state, so the run cannot be resumed from it")
+    _check_arrays(where, "optimizer moment(s)", ckpt.optimizer["m"], model.params)
+    _check_arrays(where, "optimizer moment(s)", ckpt.optimizer["v"], model.params)
+    optimizer.load_state_dict(ckpt.optimizer)
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    """The checkpoint's tokenizer object, or a CheckpointError when it has none."""
+    from minimoe.tokenizer import tokenizer_from_dict
+
+    if not ckpt.tokenizer:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds no tokenizer")
+    try:
+        return tokenizer_from_dict(ckpt.tokenizer)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds an unreadable tokenizer ({e})") from None
+
+
+def load_model(path, dtype: str | None = None):
+    """(model, tokenizer, checkpoint) from a checkpoint file or run directory."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, dtype)
+    return model, load_tokenizer(ckpt), ckpt

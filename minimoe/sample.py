@@ -1,0 +1,183 @@
+"""Text generation: temperature / top-k sampling with a KV cache, streamed token by token.
+
+    new_ids = generate(model, prompt_ids, max_new_tokens=200, temperature=0.8, top_k=50, seed=0)
+
+How the context is fed to the model (B = 1):
+  * prefill: the prompt (its last block_size tokens) goes through the model once, filling a
+    KVCache with every layer's keys and values;
+  * decode: each new token is one forward of shape (1, 1) that appends its keys/values to the
+    cache and attends over all cached positions: O(T) work per token instead of O(T^2);
+  * sliding window: positions are absolute (RoPE angles, learned position rows), so a full cache
+    cannot simply drop its oldest entry. Once the context would exceed block_size, every further
+    token is predicted by recomputing the model on the last block_size tokens, without a cache
+    (exactly what `use_cache=False` does all along). Generation beyond block_size thus costs a
+    full forward per token.
+Both paths give the same tokens (tests/test_generate.py checks this exactly) for dropless
+models. With a capacity factor the tokens an expert drops depend on the whole batch of tokens
+in the forward, so a capacity-limited model (e.g. the `switch` preset) can route differently
+when it sees one token at a time.
+
+Sampling happens on the host in float64 with a NumPy generator, so a seed gives the same
+tokens on NumPy and CuPy (given the same logits): temperature 0 is greedy (argmax, ties to the
+smaller id); otherwise p = softmax(logits / temperature) restricted to the top_k logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minimoe import backend
+from minimoe.ops.attention import KVCache
+
+
+def sample_next(logits, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """One token id from a (V,) host vector of logits.
+
+    temperature 0 -> argmax. Otherwise keep the top_k largest logits (all when None), divide by
+    the temperature and draw from their softmax by inverting the CDF with one uniform number.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        kth = np.sort(z)[-top_k]  # the k-th largest logit; ties at the cut are all kept
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    cdf = np.cumsum(p)
+    u = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), z.size - 1))
+
+
+def _check(model, ids, max_new_tokens, temperature, top_k):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    if not ids:
+        raise ValueError("the prompt is empty; generation needs at least one token to start from")
+    V = model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < V]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary 0..{V - 1}")
+    return ids
+
+
+def generate(
+    model,
+    ids,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    on_token=None,
+) -> list[int]:
+    """Continue the token sequence `ids` by `max_new_tokens` tokens; returns the new ids.
+
+    ids: a list or 1-D array of token ids (one sequence). on_token(id) is called as each token
+    is chosen (for streaming). The model is put in eval mode and restored afterwards.
+    use_cache=False recomputes the whole window for every token (the reference the cache must
+    match).
+    """
+    ids = _check(model, ids, max_new_tokens, temperature, top_k)
+    c, xp = model.config, model.xp
+    T_max = c.block_size
+    rng = np.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    context = list(ids)
+    cache = None
+    try:
+        for _ in range(max_new_tokens):
+            if use_cache and cache is None and len(context) <= T_max:
+                # prefill: the whole (short enough) context at once
+                cache = KVCache(c.n_layer, 1, c.n_kv_head, T_max, c.head_size, xp=xp, dtype=model.dtype)
+                logits, _ = model.forward(xp.asarray([context], dtype=xp.int64), kv_cache=cache)
+            elif cache is not None and cache.pos < T_max:
+                # decode: only the newest token, its keys/values appended to the cache
+                logits, _ = model.forward(xp.asarray([[context[-1]]], dtype=xp.int64), kv_cache=cache)
+            else:
+                # no cache, or the window is full: recompute on the last block_size tokens
+                window = context[-T_max:]
+                logits, _ = model.forward(xp.asarray([window], dtype=xp.int64))
+            # (1, T, V) -> the last position's logits, copied to the host once per token
+            next_id = sample_next(backend.to_numpy(logits[0, -1]), temperature, top_k, rng)
+            out.append(next_id)
+            context.append(next_id)
+            if on_token is not None:
+                on_token(next_id)
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces to print as they arrive.
+
+    Decodes all new ids so far and emits what was not printed yet, holding back a trailing
+    U+FFFD (a byte-level BPE token that ends in the middle of a UTF-8 character) until the next
+    token completes it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.printed) :]
+        self.printed = text
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece = text[len(self.printed) :]
+        self.printed = text
+        return piece
+
+
+def default_prompt_ids(tokenizer) -> list[int]:
+    """A newline when the tokenizer can encode one (as nanoGPT starts), else token 0."""
+    try:
+        ids = tokenizer.encode("\n")
+    except (ValueError, KeyError):
+        ids = []
+    return list(ids) or [0]
+
+
+def sample_text(
+    model,
+    tokenizer,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stream=None,
+) -> str:
+    """Generate text after `prompt` (decoded new text only); write pieces to `stream` as they come."""
+    ids = list(tokenizer.encode(prompt)) if prompt else default_prompt_ids(tokenizer)
+    dec = StreamDecoder(tokenizer)
+
+    def on_token(i):
+        piece = dec.push(i)
+        if stream is not None and piece:
+            stream.write(piece)
+            stream.flush()
+
+    generate(model, ids, max_new_tokens, temperature, top_k, seed, on_token=on_token)
+    rest = dec.flush()
+    if stream is not None and rest:
+        stream.write(rest)
+        stream.flush()
+    return dec.printed

@@ -1,0 +1,223 @@
+"""The backend: choosing numpy/cupy, dtypes, the helpers whose spelling differs between the two
+libraries, and that ops really take their array module from their inputs."""
+
+import ast
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import rand_ids, tiny_config
+
+import minimoe
+from minimoe import GPT, backend
+
+OPS_DIR = Path(minimoe.__file__).parent / "ops"
+
+
+def _gpu_usable() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the backend and dtype
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["nope", "NumPy", "torch", ""])
+def test_unknown_backend_is_a_value_error(restore_backend, name):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.set_backend(name)
+    assert backend.get_backend() == "numpy"  # unchanged
+
+
+def test_cupy_without_gpu_is_a_clear_backend_error(restore_backend):
+    if _gpu_usable():
+        pytest.skip("a CUDA GPU is usable here, so set_backend('cupy') succeeds")
+    with pytest.raises(minimoe.BackendError) as exc:
+        backend.set_backend("cupy")
+    msg = str(exc.value)
+    assert "cupy" in msg and "numpy" in msg and "\n" not in msg
+    assert backend.get_backend() == "numpy" and backend.get_xp() is np  # still usable afterwards
+    assert issubclass(minimoe.BackendError, RuntimeError)
+
+
+def test_fresh_process_defaults_to_numpy_float32():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINIMOE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(OPS_DIR.parents[1]), env.get("PYTHONPATH", "")])
+    code = "import minimoe; print(minimoe.get_backend(), minimoe.get_default_dtype())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["numpy", "float32"]
+
+
+def test_env_selects_dtype_and_rejects_bad_values():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINIMOE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(OPS_DIR.parents[1]), env.get("PYTHONPATH", "")])
+    code = "import minimoe; print(minimoe.get_default_dtype())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "MINIMOE_DTYPE": "float64"}, capture_output=True, text=True
+    )
+    assert out.stdout.split() == ["float64"]
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "MINIMOE_BACKEND": "nope"}, capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "backend must be one of" in out.stderr
+
+
+def test_model_dtypes(restore_backend):
+    backend.set_default_dtype("float32")
+    model = GPT(tiny_config("llama"), seed=0)
+    assert model.dtype == "float32" and all(p.dtype == np.float32 for p in model.params.values())
+    model64 = GPT(tiny_config("llama"), seed=0, dtype="float64")
+    assert all(p.dtype == np.float64 for p in model64.params.values())
+    # the same seed gives the same initial numbers in either dtype
+    for k in model.params:
+        np.testing.assert_array_equal(model.params[k], model64.params[k].astype(np.float32))
+    backend.set_default_dtype(np.float64)  # a numpy dtype is accepted too
+    assert backend.get_default_dtype() == "float64"
+    assert all(p.dtype == np.float64 for p in GPT(tiny_config(), seed=0).params.values())
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        backend.set_default_dtype("float16")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(flavour="gpt2", dropout=0.1),
+        dict(flavour="llama", n_kv_head=2, dropout=0.1),
+        dict(flavour="gpt2", activation="gelu_exact", tie_embeddings=False),
+    ],
+)
+def test_float32_model_stays_float32(overrides):
+    # no op may silently upcast: float64 intermediates would double memory and slow a GPU down
+    model = GPT(tiny_config(**overrides), seed=0, dtype="float32")
+    rng = np.random.default_rng(0)
+    logits, loss = model.forward(rand_ids(rng, 11), rand_ids(rng, 11))
+    assert logits.dtype == np.float32 and loss.dtype == np.float32
+    grads = model.backward()
+    assert {k: g.dtype for k, g in grads.items()} == {k: np.dtype(np.float32) for k in model.params}
+    assert all(np.isfinite(g).all() for g in grads.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers whose spelling differs between numpy and cupy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_erf_matches_math_erf():
+    x = np.concatenate(
+        [np.linspace(-7.0, 7.0, 2801), [2.5 - 1e-12, 2.5, 2.5 + 1e-12, -2.5, 1e-8, -1e-300, 0.0, 30.0, -40.0]]
+    )
+    got = backend.erf(x)
+    expected = np.array([math.erf(v) for v in x])
+    assert np.abs(got - expected).max() <= 1e-14
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(backend.erf(-x), -got)  # odd
+    assert backend.erf(np.array([np.inf, -np.inf])).tolist() == [1.0, -1.0]
+    x32 = x.astype(np.float32)
+    assert backend.erf(x32).dtype == np.float32
+    np.testing.assert_allclose(backend.erf(x32), [math.erf(v) for v in x32.astype(np.float64)], atol=1e-7)
+
+
+def test_topk_indices_largest_first_and_ties_to_smaller_index():
+    x = np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0], [0.0, -1.0, 5.0, 4.0, 5.0]])
+    idx = backend.topk_indices(x, 2)
+    assert idx.tolist() == [[1, 2], [0, 1], [2, 4]]
+    assert backend.topk_indices(x, 4).tolist() == [[1, 2, 4, 0], [0, 1, 2, 3], [2, 4, 3, 0]]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, (6, 7, 8)).astype(np.float64)  # many ties
+    a, b = backend.topk_indices(y, 3), backend.topk_indices(y.copy(), 3)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (6, 7, 3)
+    chosen = np.take_along_axis(y, a, axis=-1)
+    assert np.all(chosen[..., :-1] >= chosen[..., 1:])  # sorted, largest first
+    assert np.all(np.sort(y, axis=-1)[..., -3:][..., ::-1] == chosen)  # really the top 3
+    # among equal values, indices increase
+    same = chosen[..., :-1] == chosen[..., 1:]
+    assert np.all(a[..., 1:][same] > a[..., :-1][same])
+
+
+def test_scatter_add_accumulates_repeats():
+    target = np.zeros((4, 2))
+    backend.scatter_add(target, np.array([1, 3, 1, 1]), np.arange(8.0).reshape(4, 2))
+    np.testing.assert_array_equal(target, [[0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [2, 3]])
+
+
+def test_conversion_and_rng_helpers():
+    a = np.arange(6.0).reshape(2, 3)
+    assert backend.xp_of(a) is np and backend.xp_of(1.0, [1]) is np
+    assert backend.to_numpy(a) is a
+    b = backend.to_device(a, np, dtype="float32")
+    assert b.dtype == np.float32 and backend.to_numpy(b).tolist() == a.tolist()
+    r1, r2 = backend.make_rng(5, np), backend.make_rng(5, np)
+    np.testing.assert_array_equal(r1.random(4), r2.random(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend honesty: ops never reach for numpy themselves
+# ---------------------------------------------------------------------------------------------
+
+
+def _ops_sources():
+    files = sorted(OPS_DIR.glob("*.py"))
+    assert len(files) >= 10
+    return files
+
+
+@pytest.mark.parametrize("path", _ops_sources(), ids=lambda p: p.name)
+def test_ops_do_not_use_numpy_directly(path):
+    """Ops get xp from their inputs (backend.xp_of) so the same code runs on cupy arrays; a direct
+    numpy call would either fail on the GPU or silently copy to the host."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    banned = {"numpy", "cupy", "cupyx", "scipy"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = {a.name.split(".")[0] for a in node.names}
+            assert not names & banned, f"{path.name}:{node.lineno} imports {names & banned}"
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in banned, (
+                f"{path.name}:{node.lineno} from {node.module}"
+            )
+        elif isinstance(node, ast.Name):
+            assert node.id not in {"np", "numpy", "cp", "cupy"}, f"{path.name}:{node.lineno} uses {node.id}"
+
+
+class _CountingXP:
+    """A stand-in array module: numpy underneath, counting what the ops ask of it."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __getattr__(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_ops_take_their_array_module_from_backend(monkeypatch, flavour):
+    # Route backend.xp_of through a counting proxy: the model must compute the same numbers while
+    # the ops fetch exp, sqrt, zeros, concatenate, ... from the proxy, not from numpy directly.
+    model = GPT(tiny_config(flavour), seed=0, dtype="float64")
+    rng = np.random.default_rng(0)
+    idx, targets = rand_ids(rng, 11), rand_ids(rng, 11)
+    _, loss = model.forward(idx, targets)
+    grads = {k: v.copy() for k, v in model.backward().items()}
+    fake = _CountingXP()
+    monkeypatch.setattr(backend, "xp_of", lambda *arrays: fake)
+    _, loss2 = model.forward(idx, targets)
+    grads2 = model.backward()
+    assert float(loss2) == float(loss)
+    for k in grads:
+        np.testing.assert_array_equal(grads2[k], grads[k])
+    used = set(fake.calls)
+    assert {"exp", "sqrt", "zeros"} <= used, used
+    if flavour == "llama":
+        assert "concatenate" in used  # RoPE halves and the [dq | dk | dv] layout

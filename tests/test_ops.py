@@ -1,0 +1,510 @@
+"""Float64 gradient checks of every dense op, and the properties each op must have.
+
+Every op is checked by `gradcheck.check_op`: L = sum(y * dy) for a random dy, central
+differences against the hand-written backward, max rel error <= GRAD_TOL (1e-6).
+`OP_CASES` is shared with test_mutation.py, which breaks each backward and shows that the same
+check then fails.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import EPS, GRAD_TOL, rand
+
+from minimoe import backend, gradcheck
+from minimoe.ops import activation, attention, dropout, embedding, ffn, linear, loss, norm
+
+# ---------------------------------------------------------------------------------------------
+# The cases: name -> builder(rng) -> (forward, backward, inputs, wrt)
+# forward(*inputs) -> (y, cache); backward(dy, cache) -> one gradient per input in wrt.
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear(bias, shape):
+    def build(rng):
+        x, w = rand(rng, *shape, 4), rand(rng, 4, 5)
+        if bias:
+            return linear.linear_forward, linear.linear_backward, [x, w, rand(rng, 5)], None
+        return (
+            (lambda x, w: linear.linear_forward(x, w)),
+            (lambda dy, c: linear.linear_backward(dy, c)[:2]),
+            [x, w],
+            None,
+        )
+
+    return build
+
+
+def _embedding(rng):
+    ids = np.array([[1, 3, 1, 0], [3, 3, 4, 1]])  # ids 1 and 3 repeat, id 2 is absent
+    return embedding.embedding_forward, embedding.embedding_backward, [ids, rand(rng, 5, 3)], [1]
+
+
+def _layernorm(rng):
+    x, w, b = rand(rng, 2, 3, 6), 1.0 + rand(rng, 6, scale=0.5), rand(rng, 6)
+    return norm.layernorm_forward, norm.layernorm_backward, [x, w, b], None
+
+
+def _rmsnorm(rng):
+    x, w = rand(rng, 2, 3, 6), 1.0 + rand(rng, 6, scale=0.5)
+    return norm.rmsnorm_forward, norm.rmsnorm_backward, [x, w], None
+
+
+def _gelu(approximate):
+    def build(rng):
+        x = np.concatenate([rand(rng, 12, scale=2.0), np.linspace(-6.0, 6.0, 13)])  # both erf branches
+        return (lambda x: activation.gelu_forward(x, approximate)), activation.gelu_backward, [x], None
+
+    return build
+
+
+def _silu(rng):
+    return activation.silu_forward, activation.silu_backward, [rand(rng, 3, 5, scale=3.0)], None
+
+
+def _swiglu(rng):
+    return activation.swiglu_forward, activation.swiglu_backward, [rand(rng, 3, 5), rand(rng, 3, 5)], None
+
+
+def _softmax(axis):
+    def build(rng):
+        fwd = lambda x: activation.softmax_forward(x, axis)
+        return fwd, activation.softmax_backward, [rand(rng, 3, 4, 5, scale=2.0)], None
+
+    return build
+
+
+def _cross_entropy(rng):
+    targets = np.array([[2, 0, -1, 6], [6, -1, 1, 1]])  # two positions ignored
+    fwd = lambda z: loss.cross_entropy_forward(z, targets)
+    return fwd, loss.cross_entropy_backward, [rand(rng, 2, 4, 7, scale=2.0)], None
+
+
+def _dropout(rng):
+    # a fresh Generator with the same seed on every call: the same mask in every forward
+    fwd = lambda x: dropout.dropout_forward(x, 0.3, backend.make_rng(7))
+    return fwd, dropout.dropout_backward, [rand(rng, 4, 6)], None
+
+
+def _rope(offset):
+    def build(rng):
+        cos, sin = attention.rope_tables(5, 6, offset=offset, xp=np, dtype="float64")
+        return (
+            (lambda x: attention.rope_forward(x, cos, sin)),
+            attention.rope_backward,
+            [rand(rng, 2, 3, 5, 6)],
+            None,
+        )
+
+    return build
+
+
+def _attention(H, Hkv, Tq, Tk):
+    def build(rng):
+        q, k, v = rand(rng, 2, H, Tq, 4), rand(rng, 2, Hkv, Tk, 4), rand(rng, 2, Hkv, Tk, 4)
+        return attention.causal_attention_forward, attention.causal_attention_backward, [q, k, v], None
+
+    return build
+
+
+def _self_attention(H, Hkv, bias, use_rope):
+    C, D, T = 8, 8 // H, 5
+
+    def build(rng):
+        rope = attention.rope_tables(T, D, xp=np, dtype="float64") if use_rope else None
+        x, wqkv, wo = (
+            rand(rng, 2, T, C),
+            rand(rng, C, (H + 2 * Hkv) * D, scale=0.5),
+            rand(rng, H * D, C, scale=0.5),
+        )
+        if bias:
+            bqkv, bo = rand(rng, (H + 2 * Hkv) * D), rand(rng, C)
+            fwd = lambda x, wqkv, bqkv, wo, bo: attention.self_attention_forward(
+                x, wqkv, bqkv, wo, bo, H, Hkv, rope
+            )
+            return fwd, attention.self_attention_backward, [x, wqkv, bqkv, wo, bo], None
+        fwd = lambda x, wqkv, wo: attention.self_attention_forward(x, wqkv, None, wo, None, H, Hkv, rope)
+
+        def bwd(dy, cache):
+            dx, dwqkv, dbqkv, dwo, dbo = attention.self_attention_backward(dy, cache)
+            assert dbqkv is None and dbo is None
+            return dx, dwqkv, dwo
+
+        return fwd, bwd, [x, wqkv, wo], None
+
+    return build
+
+
+def _gelu_mlp(approximate, bias):
+    def build(rng):
+        x, w1, w2 = rand(rng, 2, 3, 4), rand(rng, 4, 6), rand(rng, 6, 4)
+        if bias:
+            fwd = lambda x, w1, b1, w2, b2: ffn.gelu_mlp_forward(x, w1, b1, w2, b2, approximate)
+            return fwd, ffn.gelu_mlp_backward, [x, w1, rand(rng, 6), w2, rand(rng, 4)], None
+        fwd = lambda x, w1, w2: ffn.gelu_mlp_forward(x, w1, None, w2, None, approximate)
+
+        def bwd(dy, cache):
+            dx, dw1, db1, dw2, db2 = ffn.gelu_mlp_backward(dy, cache)
+            assert db1 is None and db2 is None
+            return dx, dw1, dw2
+
+        return fwd, bwd, [x, w1, w2], None
+
+    return build
+
+
+def _swiglu_mlp(rng):
+    x, w1, w3, w2 = rand(rng, 2, 3, 4), rand(rng, 4, 6), rand(rng, 4, 6), rand(rng, 6, 4)
+    return ffn.swiglu_mlp_forward, ffn.swiglu_mlp_backward, [x, w1, w3, w2], None
+
+
+OP_CASES = {
+    "linear_bias_3d": _linear(True, (2, 3)),
+    "linear_nobias_3d": _linear(False, (2, 3)),
+    "linear_bias_2d": _linear(True, (3,)),
+    "embedding_repeats": _embedding,
+    "layernorm": _layernorm,
+    "rmsnorm": _rmsnorm,
+    "gelu_tanh": _gelu("tanh"),
+    "gelu_exact": _gelu("none"),
+    "silu": _silu,
+    "swiglu": _swiglu,
+    "softmax_last": _softmax(-1),
+    "softmax_axis1": _softmax(1),
+    "cross_entropy_ignore": _cross_entropy,
+    "dropout": _dropout,
+    "rope": _rope(0),
+    "rope_offset": _rope(3),
+    "attention_mha": _attention(4, 4, 5, 5),
+    "attention_gqa": _attention(4, 2, 5, 5),
+    "attention_mqa": _attention(4, 1, 5, 5),
+    "attention_mha_kvcache": _attention(4, 4, 3, 7),
+    "attention_gqa_kvcache": _attention(4, 2, 3, 7),
+    "attention_mqa_kvcache": _attention(4, 1, 1, 6),
+    "self_attention_bias": _self_attention(4, 4, True, False),
+    "self_attention_nobias": _self_attention(4, 4, False, False),
+    "self_attention_rope_nobias": _self_attention(4, 4, False, True),
+    "self_attention_rope_bias": _self_attention(2, 2, True, True),
+    "self_attention_gqa_rope": _self_attention(4, 2, False, True),
+    "self_attention_mqa_bias": _self_attention(4, 1, True, False),
+    "gelu_mlp_bias": _gelu_mlp("tanh", True),
+    "gelu_mlp_exact_nobias": _gelu_mlp("none", False),
+    "swiglu_mlp": _swiglu_mlp,
+}
+
+
+def build_case(name, seed=0):
+    fwd, bwd, inputs, wrt = OP_CASES[name](np.random.default_rng(seed))
+    return fwd, bwd, inputs, list(range(len(inputs))) if wrt is None else wrt
+
+
+@pytest.mark.parametrize("name", list(OP_CASES))
+def test_gradcheck_op(name):
+    fwd, bwd, inputs, wrt = build_case(name)
+    errors = gradcheck.check_op(fwd, bwd, inputs, wrt=wrt, eps=EPS)
+    assert sorted(errors) == wrt
+    assert max(errors.values()) <= GRAD_TOL, f"{name}: rel errors {errors}"
+
+
+def test_every_public_op_pair_has_a_case():
+    # every *_backward exported by minimoe.ops (dense families) is exercised above
+    import minimoe.ops as ops
+
+    covered = set(
+        """linear embedding layernorm rmsnorm gelu silu swiglu softmax cross_entropy dropout rope
+        causal_attention self_attention gelu_mlp swiglu_mlp""".split()
+    )
+    exported = {n[: -len("_backward")] for n in dir(ops) if n.endswith("_backward")}
+    assert exported <= covered, f"ops without a gradient-check case: {exported - covered}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding: repeated ids accumulate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_embedding_grad_accumulates_repeats(rng):
+    ids = np.array([[1, 3, 1, 0], [3, 3, 4, 1]])
+    w = rand(rng, 5, 3)
+    y, cache = embedding.embedding_forward(ids, w)
+    np.testing.assert_array_equal(y, w[ids])
+    dy = rand(rng, *y.shape)
+    dw = embedding.embedding_backward(dy, cache)
+    expected = np.zeros_like(w)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            expected[ids[b, t]] += dy[b, t]
+    np.testing.assert_allclose(dw, expected, rtol=0, atol=1e-14)
+    assert np.all(dw[2] == 0.0)  # id 2 never appears
+    np.testing.assert_allclose(dw[3], dy[0, 1] + dy[1, 0] + dy[1, 1], rtol=1e-14)  # three uses of id 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: forward values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gelu_exact_forward_matches_math_erf():
+    x = np.linspace(-8.0, 8.0, 801)
+    y, _ = activation.gelu_forward(x, "none")
+    expected = np.array([v * 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+    np.testing.assert_allclose(y, expected, rtol=1e-13, atol=1e-15)
+
+
+def test_gelu_tanh_forward_matches_formula():
+    x = np.linspace(-8.0, 8.0, 801)
+    y, _ = activation.gelu_forward(x, "tanh")
+    c = math.sqrt(2.0 / math.pi)
+    expected = np.array([0.5 * v * (1.0 + math.tanh(c * (v + 0.044715 * v**3))) for v in x])
+    np.testing.assert_allclose(y, expected, rtol=1e-13, atol=1e-15)
+    # the two GELUs differ, but by little (the tanh form approximates Phi to ~1e-3)
+    exact, _ = activation.gelu_forward(x, "none")
+    assert 0 < np.abs(y - exact).max() < 1e-2
+
+
+def test_gelu_rejects_unknown_approximation():
+    with pytest.raises(ValueError, match="approximate"):
+        activation.gelu_forward(np.zeros(3), "sigmoid")
+
+
+def test_silu_and_softmax_values(rng):
+    x = rand(rng, 4, 5, scale=3.0)
+    y, _ = activation.silu_forward(x)
+    np.testing.assert_allclose(y, x / (1.0 + np.exp(-x)), rtol=1e-14)
+    p, _ = activation.softmax_forward(x + 1000.0)  # stable: no overflow for large logits
+    np.testing.assert_allclose(p, np.exp(x) / np.exp(x).sum(-1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cross_entropy_matches_direct_computation(rng):
+    logits = rand(rng, 2, 4, 7, scale=2.0)
+    targets = np.array([[2, 0, -1, 6], [6, -1, 1, 1]])
+    got, _ = loss.cross_entropy_forward(logits, targets)
+    terms = []
+    for b in range(2):
+        for t in range(4):
+            if targets[b, t] != -1:
+                p = np.exp(logits[b, t]) / np.exp(logits[b, t]).sum()
+                terms.append(-math.log(p[targets[b, t]]))
+    assert len(terms) == 6
+    assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-13)
+
+
+def test_cross_entropy_custom_ignore_index_and_large_logits(rng):
+    logits = rand(rng, 3, 5) + 800.0  # a naive exp would overflow
+    targets = np.array([4, 2, 1])
+    got, _ = loss.cross_entropy_forward(logits, targets, ignore_index=2)
+    z = logits - 800.0
+    lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    assert float(got) == pytest.approx(-(lp[0, 4] + lp[2, 1]) / 2, rel=1e-12)
+
+
+def test_cross_entropy_all_ignored_is_zero_with_zero_grad(rng):
+    logits = rand(rng, 2, 3, 5)
+    loss_value, cache = loss.cross_entropy_forward(logits, np.full((2, 3), -1))
+    assert float(loss_value) == 0.0
+    d = loss.cross_entropy_backward(1.0, cache)
+    assert d.shape == logits.shape and np.all(d == 0.0)
+
+
+def test_cross_entropy_rejects_mismatched_targets(rng):
+    with pytest.raises(ValueError, match="targets"):
+        loss.cross_entropy_forward(rand(rng, 2, 3, 5), np.zeros((2, 4), dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dropout_same_seed_same_mask_and_different_seed_differs(rng):
+    x = rand(rng, 50, 40)
+    y1, m1 = dropout.dropout_forward(x, 0.25, backend.make_rng(3))
+    y2, m2 = dropout.dropout_forward(x, 0.25, backend.make_rng(3))
+    y3, _ = dropout.dropout_forward(x, 0.25, backend.make_rng(4))
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(m1, m2)
+    assert not np.array_equal(y1, y3)
+    # survivors are scaled by 1/(1-p); the rest are exactly zero
+    kept = m1 != 0
+    np.testing.assert_allclose(y1[kept], x[kept] / 0.75, rtol=1e-15)
+    assert np.all(y1[~kept] == 0.0)
+
+
+def test_dropout_identity_when_off(rng):
+    x = rand(rng, 6, 7)
+    for p, training in ((0.0, True), (0.5, False)):
+        y, cache = dropout.dropout_forward(x, p, backend.make_rng(0), training=training)
+        np.testing.assert_array_equal(y, x)
+        dy = rand(rng, 6, 7)
+        np.testing.assert_array_equal(dropout.dropout_backward(dy, cache), dy)
+
+
+def test_dropout_expectation_and_drop_rate():
+    # E[y] = x: with n = 200k and p = 0.3, the mean of y has std sqrt(p/(1-p)/n) ~ 1.5e-3
+    x = np.full(200_000, 2.0)
+    y, _ = dropout.dropout_forward(x, 0.3, backend.make_rng(11))
+    assert abs(y.mean() - 2.0) < 0.02
+    assert abs((y == 0).mean() - 0.3) < 0.01
+
+
+def test_dropout_backward_uses_forward_mask(rng):
+    x = rand(rng, 30, 30)
+    y, cache = dropout.dropout_forward(x, 0.4, backend.make_rng(5))
+    dy = rand(rng, 30, 30)
+    dx = dropout.dropout_backward(dy, cache)
+    np.testing.assert_array_equal(dx == 0, y == 0)
+    np.testing.assert_allclose(dx[y != 0], dy[y != 0] / 0.6, rtol=1e-15)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_invalid_p(p):
+    with pytest.raises(ValueError, match="dropout p"):
+        dropout.dropout_forward(np.ones(3), p, backend.make_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rope_preserves_norms(rng):
+    cos, sin = attention.rope_tables(9, 8, xp=np, dtype="float64")
+    x = rand(rng, 2, 3, 9, 8)
+    y, _ = attention.rope_forward(x, cos, sin)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-13)
+    # each rotated pair (x1_i, x2_i) keeps its own length too
+    pair = lambda a: a[..., :4] ** 2 + a[..., 4:] ** 2
+    np.testing.assert_allclose(pair(y), pair(x), rtol=1e-12)
+    assert not np.allclose(y[:, :, 1:], x[:, :, 1:])  # positions > 0 are actually rotated
+    np.testing.assert_allclose(y[:, :, 0], x[:, :, 0], rtol=1e-15)  # position 0: angle 0
+
+
+def test_rope_dot_product_depends_only_on_relative_position(rng):
+    D, T = 8, 12
+    cos, sin = attention.rope_tables(T, D, xp=np, dtype="float64")
+    q, k = rand(rng, D), rand(rng, D)
+
+    def at(v, pos):  # v placed at position pos, rotated
+        x = np.zeros((1, 1, T, D))
+        x[0, 0, pos] = v
+        return attention.rope_forward(x, cos, sin)[0][0, 0, pos]
+
+    dots = [at(q, m) @ at(k, m - 3) for m in (3, 5, 8, 11)]
+    np.testing.assert_allclose(dots, dots[0], rtol=1e-12)
+    assert abs(at(q, 5) @ at(k, 1) - dots[0]) > 1e-6  # a different offset gives a different score
+
+
+def test_rope_tables_offset_and_odd_size():
+    cos, sin = attention.rope_tables(6, 4, xp=np, dtype="float64")
+    cos3, sin3 = attention.rope_tables(3, 4, offset=3, xp=np, dtype="float64")
+    np.testing.assert_array_equal(cos[3:], cos3)
+    np.testing.assert_array_equal(sin[3:], sin3)
+    with pytest.raises(ValueError, match="even head size"):
+        attention.rope_tables(4, 5, xp=np)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _naive_attention(q, k, v):
+    """Loop reference: query head h reads key/value head h // (H / Hkv); query i sits at
+    position Tk - Tq + i and sees keys 0 .. Tk - Tq + i."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    y = np.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            kh, vh = k[b, h // (H // Hkv)], v[b, h // (H // Hkv)]
+            for i in range(Tq):
+                n = Tk - Tq + i + 1
+                s = kh[:n] @ q[b, h, i] / math.sqrt(D)
+                p = np.exp(s - s.max())
+                y[b, h, i] = (p / p.sum()) @ vh[:n]
+    return y
+
+
+@pytest.mark.parametrize(
+    "H,Hkv,Tq,Tk", [(4, 4, 5, 5), (4, 2, 5, 5), (4, 1, 5, 5), (4, 2, 2, 6), (2, 1, 1, 4)]
+)
+def test_attention_matches_loop_reference(rng, H, Hkv, Tq, Tk):
+    q, k, v = rand(rng, 2, H, Tq, 4), rand(rng, 2, Hkv, Tk, 4), rand(rng, 2, Hkv, Tk, 4)
+    y, _ = attention.causal_attention_forward(q, k, v)
+    np.testing.assert_allclose(y, _naive_attention(q, k, v), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_attention_is_causal(rng, Hkv):
+    B, H, T, D = 2, 4, 6, 4
+    q, k, v = rand(rng, B, H, T, D), rand(rng, B, Hkv, T, D), rand(rng, B, Hkv, T, D)
+    y, _ = attention.causal_attention_forward(q, k, v)
+    for t in range(T - 1):
+        q2, k2, v2 = q.copy(), k.copy(), v.copy()
+        q2[:, :, t + 1 :] += 5.0
+        k2[:, :, t + 1 :] = rand(rng, B, Hkv, T - t - 1, D)
+        v2[:, :, t + 1 :] = rand(rng, B, Hkv, T - t - 1, D)
+        y2, _ = attention.causal_attention_forward(q2, k2, v2)
+        np.testing.assert_allclose(y2[:, :, : t + 1], y[:, :, : t + 1], rtol=0, atol=1e-13)
+        assert not np.allclose(y2[:, :, t + 1 :], y[:, :, t + 1 :])
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_self_attention_is_causal(rng, use_rope):
+    B, T, C, H, Hkv = 2, 6, 8, 4, 2
+    D = C // H
+    rope = attention.rope_tables(T, D, xp=np, dtype="float64") if use_rope else None
+    x, wqkv, wo = rand(rng, B, T, C), rand(rng, C, (H + 2 * Hkv) * D), rand(rng, H * D, C)
+    y, _ = attention.self_attention_forward(x, wqkv, None, wo, None, H, Hkv, rope)
+    for t in range(T - 1):
+        x2 = x.copy()
+        x2[:, t + 1 :] = rand(rng, B, T - t - 1, C)
+        y2, _ = attention.self_attention_forward(x2, wqkv, None, wo, None, H, Hkv, rope)
+        np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-13)
+        assert not np.allclose(y2[:, t + 1 :], y[:, t + 1 :])
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+def test_self_attention_kv_cache_equals_full_recomputation(rng, Hkv):
+    B, T, C, H = 2, 7, 8, 4
+    D = C // H
+    cos, sin = attention.rope_tables(T, D, xp=np, dtype="float64")
+    x, wqkv, wo = rand(rng, B, T, C), rand(rng, C, (H + 2 * Hkv) * D), rand(rng, H * D, C)
+    bqkv, bo = rand(rng, (H + 2 * Hkv) * D), rand(rng, C)
+    full, _ = attention.self_attention_forward(x, wqkv, bqkv, wo, bo, H, Hkv, (cos, sin))
+    cache = attention.KVCache(1, B, Hkv, T, D, xp=np, dtype="float64")
+    parts = []
+    for lo, hi in ((0, 3), (3, 4), (4, 7)):  # a prompt, then one token, then a chunk
+        rope = (cos[lo:hi], sin[lo:hi])
+        y, _ = attention.self_attention_forward(x[:, lo:hi], wqkv, bqkv, wo, bo, H, Hkv, rope, kv=(cache, 0))
+        cache.pos += hi - lo
+        parts.append(y)
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="KV cache"):
+        attention.self_attention_forward(
+            x[:, :1], wqkv, bqkv, wo, bo, H, Hkv, (cos[:1], sin[:1]), kv=(cache, 0)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward networks against their definitions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ffn_values(rng):
+    x, w1, w3, w2 = rand(rng, 2, 3, 4), rand(rng, 4, 6), rand(rng, 4, 6), rand(rng, 6, 4)
+    b1, b2 = rand(rng, 6), rand(rng, 4)
+    y, _ = ffn.swiglu_mlp_forward(x, w1, w3, w2)
+    g = x @ w1
+    np.testing.assert_allclose(y, (g / (1.0 + np.exp(-g)) * (x @ w3)) @ w2, rtol=1e-12)
+    y, _ = ffn.gelu_mlp_forward(x, w1, b1, w2, b2)
+    h = x @ w1 + b1
+    gelu = 0.5 * h * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    np.testing.assert_allclose(y, gelu @ w2 + b2, rtol=1e-12)

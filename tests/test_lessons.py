@@ -215,6 +215,12 @@ def test_notebook_in_sync_with_source(stem):
         f"{ipynb.name} is out of date with {py.name}; run `python -m minimoe.lessons build`"
     )
     nb = json.loads(ipynb.read_text(encoding="utf-8"))
+    try:
+        import nbformat
+    except ImportError:  # optional: the byte comparison above is the real check
+        pass
+    else:
+        nbformat.validate(nbformat.reads(ipynb.read_text(encoding="utf-8"), as_version=4))
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None

@@ -3,15 +3,23 @@
 from minimoe import backend
 
 
+def _rowdot(a, b):
+    """(..., C), (..., C) -> (..., 1): sum over C of a * b, without an (..., C) temporary."""
+    return backend.xp_of(a).einsum("...c,...c->...", a, b)[..., None]
+
+
 def layernorm_forward(x, w, b, eps=1e-5):
     """(..., C) -> (..., C).  y = (x - mean) / sqrt(var + eps) * w + b  (Ba et al. 2016)."""
     xp = backend.xp_of(x)
+    C = x.shape[-1]
     mu = x.mean(axis=-1, keepdims=True)
     xc = x - mu
-    var = (xc * xc).mean(axis=-1, keepdims=True)
+    var = _rowdot(xc, xc) / C
     rstd = 1.0 / xp.sqrt(var + eps)
-    xhat = xc * rstd
-    y = xhat * w + b
+    xhat = xc
+    xhat *= rstd  # in place: xc is not needed again
+    y = xhat * w
+    y += b
     return y, (xhat, rstd, w)
 
 
@@ -25,7 +33,12 @@ def layernorm_backward(dy, cache):
     xhat, rstd, w = cache
     C = w.shape[0]
     g = dy * w
-    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    gx = _rowdot(g, xhat) / C  # mean(g * xhat)
+    dx = xhat * gx  # then in place: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    xp = backend.xp_of(dy)
+    xp.subtract(g, dx, out=dx)
+    dx -= g.mean(axis=-1, keepdims=True)
+    dx *= rstd
     dw = (dy * xhat).reshape(-1, C).sum(axis=0)
     db = dy.reshape(-1, C).sum(axis=0)
     return dx, dw, db
@@ -34,7 +47,8 @@ def layernorm_backward(dy, cache):
 def rmsnorm_forward(x, w, eps=1e-5):
     """(..., C) -> (..., C).  y = x / sqrt(mean(x^2) + eps) * w  (Zhang & Sennrich 2019)."""
     xp = backend.xp_of(x)
-    rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    C = x.shape[-1]
+    rstd = 1.0 / xp.sqrt(_rowdot(x, x) / C + eps)
     xhat = x * rstd
     return xhat * w, (xhat, rstd, w)
 
@@ -46,7 +60,10 @@ def rmsnorm_backward(dy, cache):
     """
     xhat, rstd, w = cache
     C = w.shape[0]
+    xp = backend.xp_of(dy)
     g = dy * w
-    dx = rstd * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dx = xhat * (_rowdot(g, xhat) / C)  # then in place: dx = rstd * (g - xhat * mean(g * xhat))
+    xp.subtract(g, dx, out=dx)
+    dx *= rstd
     dw = (dy * xhat).reshape(-1, C).sum(axis=0)
     return dx, dw

@@ -95,10 +95,12 @@ def generate(
     try:
         for _ in range(max_new_tokens):
             if use_cache and cache is None and len(context) <= T_max:
-                # prefill: the whole (short enough) context at once
-                cache = KVCache(c.n_layer, 1, c.n_kv_head, T_max, c.head_size, xp=xp, dtype=model.dtype)
+                # prefill: the whole (short enough) context at once. The cache holds no more
+                # positions than this call can fill (a real Mixtral's block_size is 32768).
+                cache_len = min(T_max, len(context) + max_new_tokens)
+                cache = KVCache(c.n_layer, 1, c.n_kv_head, cache_len, c.head_size, xp=xp, dtype=model.dtype)
                 logits, _ = model.forward(xp.asarray([context], dtype=xp.int64), kv_cache=cache)
-            elif cache is not None and cache.pos < T_max:
+            elif cache is not None and cache.pos < cache.T_max:
                 # decode: only the newest token, its keys/values appended to the cache
                 logits, _ = model.forward(xp.asarray([[context[-1]]], dtype=xp.int64), kv_cache=cache)
             else:

@@ -42,7 +42,11 @@ def run_tests(report):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
     print(proc.stdout[-3000:] if proc.returncode else tail[0])
-    report["tests"] = {"returncode": proc.returncode, "summary": tail[0], "seconds": round(time.time() - t0, 1)}
+    report["tests"] = {
+        "returncode": proc.returncode,
+        "summary": tail[0],
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def _model_pair(name, dtype, **overrides):
@@ -69,16 +73,34 @@ def agreement(report):
         err_logits = gradcheck.rel_error(l_np, l_cp)
         err_grads = max(gradcheck.rel_error(g_np[k], g_cp[k]) for k in g_np)
         ok = err_logits < 1e-4 and abs(float(loss_np) - float(loss_cp)) < 1e-4 and err_grads < 1e-3
-        rows.append(dict(preset=name, logits=err_logits, loss_np=float(loss_np), loss_cp=float(loss_cp),
-                         grads=err_grads, ok=ok))
-        print(f"{name:14s} logits rel err {err_logits:.1e}  loss {float(loss_np):.6f} vs {float(loss_cp):.6f}"
-              f"  max grad rel err {err_grads:.1e}  {'ok' if ok else 'MISMATCH'}")
+        rows.append(
+            dict(
+                preset=name,
+                logits=err_logits,
+                loss_np=float(loss_np),
+                loss_cp=float(loss_cp),
+                grads=err_grads,
+                ok=ok,
+            )
+        )
+        print(
+            f"{name:14s} logits rel err {err_logits:.1e}  loss {float(loss_np):.6f} vs {float(loss_cp):.6f}"
+            f"  max grad rel err {err_grads:.1e}  {'ok' if ok else 'MISMATCH'}"
+        )
     section("2b. float64 gradient checks on the GPU")
     for name in ("dense", "mixtral", "switch", "deepseek"):
         backend.set_backend("cupy")
-        cfg = minimoe.get_preset(name, n_layer=2, n_embd=8, n_head=2, block_size=6, vocab_size=11,
-                                 init_std=0.5, z_loss_coef=0.01,
-                                 **({} if name == "dense" else {"expert_hidden": 6}))
+        cfg = minimoe.get_preset(
+            name,
+            n_layer=2,
+            n_embd=8,
+            n_head=2,
+            block_size=6,
+            vocab_size=11,
+            init_std=0.5,
+            z_loss_coef=0.01,
+            **({} if name == "dense" else {"expert_hidden": 6}),
+        )
         m = minimoe.GPT(cfg, seed=0, dtype="float64")
         rng = np.random.default_rng(1)
         idx = rng.integers(0, 11, (2, 6))
@@ -100,13 +122,17 @@ def benchmark(report):
         report["benchmark"] = f"skipped: {e}"
         return
     rows = []
-    for label, name, overrides, batch in (("mixtral toy", "mixtral", {}, 12),
-                                          ("mixtral 6x384", "mixtral", LARGE, 16)):
+    for label, name, overrides, batch in (
+        ("mixtral toy", "mixtral", {}, 12),
+        ("mixtral 6x384", "mixtral", LARGE, 16),
+    ):
         r = compare(name, batch, overrides)
         r["label"] = label
         rows.append(r)
-        print(f"{label:14s} minimoe {r['minimoe_ms']:.2f} ms  torch {r['torch_ms']:.2f} ms  "
-              f"ratio {r['ratio']:.2f} (target <= 1.5)")
+        print(
+            f"{label:14s} minimoe {r['minimoe_ms']:.2f} ms  torch {r['torch_ms']:.2f} ms  "
+            f"ratio {r['ratio']:.2f} (target <= 1.5)"
+        )
     report["benchmark"] = rows
 
 

@@ -1,0 +1,82 @@
+"""One training step of minimoe on CuPy against the PyTorch CUDA eager reference, same weights.
+
+Used by scripts/gpu_check.py; needs CuPy and a CUDA build of PyTorch. Both models start from the
+same weights (the torch twin copies minimoe's) and train on the same batch; each step is timed
+with a device synchronisation at its end, steps of the two alternate, and the medians are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch_reference import TorchGPT  # noqa: E402
+
+import minimoe  # noqa: E402
+from minimoe import backend  # noqa: E402
+
+
+def compare(preset: str, batch_size: int, overrides: dict, iters: int = 20, warmup: int = 5) -> dict:
+    """Median step times (ms) of minimoe on CuPy and of the torch reference on CUDA, and their ratio."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("PyTorch has no CUDA device here")
+    import cupy
+
+    backend.set_backend("cupy")
+    config = minimoe.get_preset(preset, vocab_size=256, **overrides)
+    model = minimoe.GPT(config, seed=0)
+    opt = minimoe.AdamW(model.params)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, config.vocab_size, (batch_size, config.block_size))
+    tgt = rng.integers(0, config.vocab_size, (batch_size, config.block_size))
+
+    ref = TorchGPT.from_minimoe(model).cuda()
+    topt = ref.make_optimizer()
+    tidx, ttgt = torch.from_numpy(idx).cuda(), torch.from_numpy(tgt).cuda()
+
+    def step_minimoe():
+        t0 = time.perf_counter()
+        x, y = cupy.asarray(idx), cupy.asarray(tgt)  # the batch moves to the device once per step
+        model.forward(x, y)
+        model.backward()
+        opt.step(model.grads)
+        cupy.cuda.Device().synchronize()
+        return time.perf_counter() - t0
+
+    def step_torch():
+        t0 = time.perf_counter()
+        _, loss = ref(tidx, ttgt)
+        loss.backward()
+        topt.step()
+        topt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        step_minimoe()
+        step_torch()
+    a, b = [], []
+    for _ in range(iters):
+        a.append(step_minimoe())
+        b.append(step_torch())
+    backend.set_backend("numpy")
+    ma, mb = float(np.median(a)) * 1e3, float(np.median(b)) * 1e3
+    return {
+        "preset": preset,
+        "batch_size": batch_size,
+        **overrides,
+        "minimoe_ms": ma,
+        "torch_ms": mb,
+        "ratio": ma / mb,
+    }
+
+
+if __name__ == "__main__":
+    print(compare("mixtral", 12, {}))

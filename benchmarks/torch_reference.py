@@ -164,7 +164,8 @@ class TorchGPT(nn.Module):
         self.ln_f = _norm(c, dt)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False, dtype=dt)
         if c.pos_emb == "rope":  # the same float64 angles as minimoe's rope_tables, then cast
-            inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_size // 2, dtype=torch.float64) * 2 / c.head_size))
+            half = torch.arange(0, c.head_size // 2, dtype=torch.float64)
+            inv = 1.0 / (c.rope_theta ** (half * 2 / c.head_size))
             ang = torch.arange(c.block_size, dtype=torch.float64)[:, None] * inv[None, :]
             ang = torch.cat((ang, ang), dim=-1)
             self.register_buffer("cos", ang.cos().to(dt), persistent=False)
@@ -283,4 +284,3 @@ class TorchGPT(nn.Module):
 class _Shape:
     def __init__(self, ndim):
         self.ndim = ndim
-

@@ -107,6 +107,19 @@ def ffn_backward(c: Config, dy, cache, pre: str, grads: dict):
     return dx
 
 
+class _Recycling(dict):
+    """The forward's cache dict: storing an entry first drops the previous step's entry of the
+    same name (see GPT.forward)."""
+
+    def __init__(self, old: dict):
+        super().__init__()
+        self.old = old
+
+    def __setitem__(self, key, value):
+        self.old.pop(key, None)
+        super().__setitem__(key, value)
+
+
 class GPT:
     """A GPT-style language model (dense or Mixture-of-Experts) with a hand-written backward."""
 
@@ -184,7 +197,11 @@ class GPT:
         if pos0 + T > c.block_size:
             raise ValueError(f"sequence length {pos0 + T} exceeds block_size = {c.block_size}")
         train = self.training and kv_cache is None
-        caches = {}
+        # Last step's activations are freed piece by piece as this step makes the same pieces:
+        # the allocator then reuses that memory at once (peak memory stays at ONE step's worth),
+        # instead of returning it to the OS and paying page faults to get it back.
+        old, self._cache = self._cache or {}, None
+        caches = _Recycling(old)
 
         x, caches["wte"] = embedding.embedding_forward(idx, p["wte"])
         if c.pos_emb == "learned":
@@ -238,7 +255,7 @@ class GPT:
             total = lm_loss + c.aux_loss_coef * aux_total + c.z_loss_coef * z_total
             self.stats.update(aux_loss=aux_total, z_loss=z_total)
         self.stats["lm_loss"] = lm_loss
-        self._cache = caches
+        self._cache = dict(caches)
         return logits, total
 
     def _norm_forward(self, x, name):

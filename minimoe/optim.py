@@ -44,11 +44,13 @@ class AdamW:
         self.m = {n: backend.xp_of(p).zeros_like(p) for n, p in params.items()}
         self.v = {n: backend.xp_of(p).zeros_like(p) for n, p in params.items()}
         self.t = 0
+        self._buffers = {}  # scratch space for step(), see _scratch
 
     def step(self, grads: dict, lr=None):
         """One update with `grads` (same keys as params); `lr` overrides the default for this step."""
-        lr = self.lr if lr is None else lr
-        b1, b2 = self.betas
+        # python floats keep float32 arrays in float32 (a numpy float64 scalar would promote them)
+        lr = float(self.lr if lr is None else lr)
+        b1, b2 = float(self.betas[0]), float(self.betas[1])
         self.t += 1
         bc1 = 1.0 - b1**self.t
         bc2 = 1.0 - b2**self.t
@@ -59,15 +61,33 @@ class AdamW:
                 continue
             xp = backend.xp_of(p)
             m, v = self.m[n], self.v[n]
+            # the same formulas as above, in place, with one scratch buffer `tmp` reused by every
+            # parameter: no temporaries of the parameter's size are allocated
+            tmp = self._scratch(p)
             m *= b1
-            m += (1.0 - b1) * g
+            xp.multiply(g, 1.0 - b1, out=tmp)
+            m += tmp
             v *= b2
-            v += (1.0 - b2) * (g * g)
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp
             if self.decay[n] and self.weight_decay:
                 p *= 1.0 - lr * self.weight_decay
-            denom = xp.sqrt(v / bc2)
-            denom += self.eps
-            p -= step_size * (m / denom)
+            xp.divide(v, bc2, out=tmp)
+            xp.sqrt(tmp, out=tmp)
+            tmp += self.eps  # tmp = sqrt(v_hat) + eps
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+
+    def _scratch(self, p):
+        """A work array of p's shape and dtype, a view of one buffer sized for the largest parameter."""
+        key = (backend.xp_of(p).__name__, p.dtype.str)
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < p.size:
+            biggest = max(q.size for q in self.params.values())
+            buf = self._buffers[key] = backend.xp_of(p).empty(biggest, dtype=p.dtype)
+        return buf[: p.size].reshape(p.shape)
 
     def state_dict(self) -> dict:
         """Arrays and numbers that restore this optimizer exactly (for checkpoints)."""

@@ -29,35 +29,32 @@ def rope_tables(T, D, theta=10000.0, offset=0, xp=None, dtype="float32"):
     return xp.cos(ang).astype(dtype), xp.sin(ang).astype(dtype)
 
 
+def _rotate(x, cos, sin):
+    """y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, computed over whole rows of D as
+        y = x * [cos | cos] + swap(x * [sin | -sin]),   swap([a | b]) = [b | a].
+    NumPy runs an op on a (..., D/2) half as many short inner loops, so whole-row ops are
+    several times faster; only the final add touches halves."""
+    xp = backend.xp_of(x)
+    D = x.shape[-1]
+    y = xp.empty(x.shape, dtype=x.dtype)
+    xp.multiply(x, xp.concatenate([cos, cos], axis=-1), out=y)
+    t = x * xp.concatenate([sin, -sin], axis=-1)
+    halves = (*x.shape[:-1], 2, D // 2)
+    y.reshape(halves)[...] += t.reshape(halves)[..., ::-1, :]  # += swap(t), a view, no copy
+    return y
+
+
 def rope_forward(x, cos, sin):
     """x (B, H, T, D), cos/sin (T, D/2) -> (B, H, T, D).
     y1 = x1 cos - x2 sin,   y2 = x2 cos + x1 sin."""
-    xp = backend.xp_of(x)
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    y = xp.empty(x.shape, dtype=x.dtype)  # both halves written in place: no concatenate copy
-    y1, y2 = y[..., :h], y[..., h:]
-    xp.multiply(x1, cos, out=y1)
-    y1 -= x2 * sin
-    xp.multiply(x2, cos, out=y2)
-    y2 += x1 * sin
-    return y, (cos, sin)
+    return _rotate(x, cos, sin), (cos, sin)
 
 
 def rope_backward(dy, cache):
     """dy (B, H, T, D) -> dx. A rotation's inverse is its transpose: rotate by -angle.
     dx1 = dy1 cos + dy2 sin,   dx2 = dy2 cos - dy1 sin."""
     cos, sin = cache
-    xp = backend.xp_of(dy)
-    h = dy.shape[-1] // 2
-    d1, d2 = dy[..., :h], dy[..., h:]
-    dx = xp.empty(dy.shape, dtype=dy.dtype)
-    dx1, dx2 = dx[..., :h], dx[..., h:]
-    xp.multiply(d1, cos, out=dx1)
-    dx1 += d2 * sin
-    xp.multiply(d2, cos, out=dx2)
-    dx2 -= d1 * sin
-    return dx
+    return _rotate(dy, cos, -sin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,10 +159,12 @@ def self_attention_forward(x, wqkv, bqkv, wo, bo, n_head, n_kv_head, rope=None, 
     H, Hkv = n_head, n_kv_head
     D = wo.shape[0] // H
     qkv, qkv_cache = linear_forward(x, wqkv, bqkv)  # (B, T, (H + 2Hkv) D)
-    # move heads forward with ONE copy, (B, T, n, D) -> (B, n, T, D), n = H + 2 Hkv: each head's
-    # (T, D) matrix is then contiguous, which the batched matmuls need to run at full speed
-    heads = xp.ascontiguousarray(qkv.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3))
-    q, k, v = heads[:, :H], heads[:, H : H + Hkv], heads[:, H + Hkv :]
+    # move heads forward, (B, T, n, D) -> (B, n, T, D), n = H + 2 Hkv, copying into contiguous
+    # arrays: the batched matmuls (and RoPE) run much faster on contiguous (T, D) matrices than on
+    # strided views. q and k share one array, v gets its own (so it can outlive q and k).
+    heads = qkv.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)
+    qk = xp.ascontiguousarray(heads[:, : H + Hkv])
+    q, k, v = qk[:, :H], qk[:, H:], xp.ascontiguousarray(heads[:, H + Hkv :])
     q_rope = k_rope = None
     if rope is not None:
         q, q_rope = rope_forward(q, *rope)

@@ -20,13 +20,15 @@ def cross_entropy_forward(logits, targets, ignore_index=-1):
     valid = t != ignore_index
     safe_t = xp.where(valid, t, 0)
     m = z.max(axis=-1, keepdims=True)
-    e = xp.exp(z - m)
+    e = z - m
+    xp.exp(e, out=e)  # in place: (N, V) is the largest array of the loss
     sumexp = e.sum(axis=-1, keepdims=True)
     logp_t = xp.take_along_axis(z, safe_t[:, None], axis=-1) - m - xp.log(sumexp)
     n = valid.sum()
     denom = xp.maximum(n, 1).astype(logits.dtype)
     loss = -(logp_t[:, 0] * valid).sum() / denom
-    probs = e / sumexp
+    probs = e
+    probs /= sumexp
     return loss, (probs, safe_t, valid, denom, logits.shape)
 
 

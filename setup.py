@@ -21,8 +21,15 @@ setup(
         "gpu-cuda12": ["cupy-cuda12x>=13"],
         "gpu-cuda13": ["cupy-cuda13x>=14"],
         "lessons": ["jupyter", "nbclient>=0.7", "nbformat>=5", "ipykernel", "matplotlib>=3.5", "tqdm"],
-        "test": ["pytest>=7", "ruff>=0.5", "nbmake>=1.4", "nbclient>=0.7", "nbformat>=5", "ipykernel",
-                 "matplotlib>=3.5"],
+        "test": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "nbmake>=1.4",
+            "nbclient>=0.7",
+            "nbformat>=5",
+            "ipykernel",
+            "matplotlib>=3.5",
+        ],
         # Only for comparisons (parity tests, benchmarks); never needed to train.
         "hf": ["safetensors", "tokenizers"],
         "compare": ["torch", "transformers", "safetensors"],

@@ -1,10 +1,10 @@
 """minimoe: a from-scratch NumPy GPT-style Mixture-of-Experts language model.
 
-    import minimoe
-    config = minimoe.get_preset("mixtral")
-    model = minimoe.GPT(config, seed=0)
-    logits, loss = model.forward(idx, targets)
-    model.backward()              # model.grads, same keys as model.params
+import minimoe
+config = minimoe.get_preset("mixtral")
+model = minimoe.GPT(config, seed=0)
+logits, loss = model.forward(idx, targets)
+model.backward()              # model.grads, same keys as model.params
 """
 
 from minimoe import gradcheck  # noqa: F401

@@ -95,12 +95,16 @@ class Config:
         need(self.activation in ACTIVATIONS, "activation", f"it must be one of {ACTIVATIONS}")
         need(self.pos_emb in POS_EMBS, "pos_emb", f"it must be one of {POS_EMBS}")
         if self.pos_emb == "rope":
-            need((self.n_embd // self.n_head) % 2 == 0, "n_embd", "RoPE needs an even head size n_embd/n_head")
+            need(
+                (self.n_embd // self.n_head) % 2 == 0, "n_embd", "RoPE needs an even head size n_embd/n_head"
+            )
         need(self.rope_theta > 0, "rope_theta", "it must be > 0")
         need(self.norm_eps > 0, "norm_eps", "it must be > 0")
         need(0.0 <= self.dropout < 1.0, "dropout", "it must be in [0, 1)")
         need(self.init_std > 0, "init_std", "it must be > 0")
-        need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "it must be an integer >= 0")
+        need(
+            isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "it must be an integer >= 0"
+        )
         if self.n_experts > 0:
             need(
                 isinstance(self.top_k, int) and 1 <= self.top_k <= self.n_experts,

@@ -53,6 +53,7 @@ class DataError(ValueError):
 # Corpora
 # --------------------------------------------------------------------------
 
+
 def builtin_corpus() -> str:
     """Return the default corpus: CPython's own reference text (~465k chars).
 
@@ -131,17 +132,25 @@ def download(
                     h.update(block)
                     n_bytes += len(block)
         except urllib.error.HTTPError as exc:
-            raise DataError(f"could not download {url} (HTTP {exc.code} {exc.reason}); check the URL or try again later") from None
+            raise DataError(
+                f"could not download {url} (HTTP {exc.code} {exc.reason}); check the URL or try again later"
+            ) from None
         except urllib.error.URLError as exc:
-            raise DataError(f"could not download {url} ({exc.reason}); check your network connection or pass --data PATH") from None
+            raise DataError(
+                f"could not download {url} ({exc.reason}); check your network connection or pass --data PATH"
+            ) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise DataError(f"could not download {url} ({type(exc).__name__}: {exc}); check the URL and your network connection") from None
+            raise DataError(
+                f"could not download {url} ({type(exc).__name__}: {exc}); check the URL and your network connection"
+            ) from None
 
         if size is not None and n_bytes != size:
             raise DataError(f"download of {url} has {n_bytes} bytes but {size} were expected; try again")
         got = h.hexdigest()
         if expected is not None and got != expected:
-            raise DataError(f"download of {url} has sha256 {got} but {expected} was expected; the file is corrupt or changed")
+            raise DataError(
+                f"download of {url} has sha256 {got} but {expected} was expected; the file is corrupt or changed"
+            )
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -149,7 +158,9 @@ def download(
     return dest
 
 
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSHAKESPEARE_SIZE = 1_115_394
 DEFAULT_URL = TINYSHAKESPEARE_URL
@@ -257,7 +268,7 @@ def _example(task: str, rng: np.random.Generator) -> str:
         s = _balanced(rng, int(rng.integers(1, 6)))
         if rng.random() < 0.5:  # corrupt one position; the label is recomputed below
             i = int(rng.integers(len(s)))
-            s = s[:i] + _pick(rng, [c for c in "()[]" if c != s[i]]) + s[i + 1:]
+            s = s[:i] + _pick(rng, [c for c in "()[]" if c != s[i]]) + s[i + 1 :]
         return f"{tag} {s}|{'ok' if _is_balanced(s) else 'bad'}"
     return f"{tag} {_sentence(rng)}"  # grammar
 
@@ -268,7 +279,9 @@ def _check_tasks(tasks) -> tuple[str, ...]:
     tasks = tuple(tasks)
     bad = [t for t in tasks if t not in TASK_TAGS]
     if bad or not tasks:
-        raise DataError(f"unknown synthetic task(s) {bad or list(tasks)!r}; valid tasks are {', '.join(TASKS)}")
+        raise DataError(
+            f"unknown synthetic task(s) {bad or list(tasks)!r}; valid tasks are {', '.join(TASKS)}"
+        )
     return tasks
 
 
@@ -323,7 +336,9 @@ def save_tokens(path: str | os.PathLike, ids) -> Path:
     """Save token ids as uint16 (if all < 65536) or uint32, with a small header."""
     arr = np.asarray(ids)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise DataError(f"token ids must be a 1-D sequence of integers, got shape {arr.shape} dtype {arr.dtype}")
+        raise DataError(
+            f"token ids must be a 1-D sequence of integers, got shape {arr.shape} dtype {arr.dtype}"
+        )
     lo = int(arr.min()) if arr.size else 0
     hi = int(arr.max()) if arr.size else 0
     if lo < 0 or hi >= 2**32:
@@ -346,11 +361,15 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
         header = f.read(_HEADER_BYTES)
     itemsize = int(np.frombuffer(header[8:12], "<u4")[0]) if len(header) == _HEADER_BYTES else 0
     if header[:8] != _MAGIC or itemsize not in _DTYPES:
-        raise DataError(f"{str(path)!r} is not a minimoe token file (bad header); create one with save_tokens")
+        raise DataError(
+            f"{str(path)!r} is not a minimoe token file (bad header); create one with save_tokens"
+        )
     n = int(np.frombuffer(header[16:24], "<u8")[0])
     dtype = _DTYPES[itemsize]
     if path.stat().st_size != _HEADER_BYTES + n * itemsize:
-        raise DataError(f"{str(path)!r} is truncated: header says {n} tokens but the file size does not match")
+        raise DataError(
+            f"{str(path)!r} is truncated: header says {n} tokens but the file size does not match"
+        )
     if n == 0:  # np.memmap cannot map zero bytes
         return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=_HEADER_BYTES, shape=(n,))
@@ -359,6 +378,7 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Splitting and batching
 # --------------------------------------------------------------------------
+
 
 def train_val_split(ids, val_fraction: float = 0.1, min_len: int = 2):
     """Split ids into (train, val): the last ``val_fraction`` is validation.
@@ -390,14 +410,16 @@ def get_batch(ids, batch_size: int, block_size: int, rng: np.random.Generator):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise DataError(f"{name} must be an integer >= 1, got {value!r}")
     if not isinstance(rng, np.random.Generator):
-        raise DataError(f"rng must be a numpy Generator such as np.random.default_rng(0), got {type(rng).__name__}")
+        raise DataError(
+            f"rng must be a numpy Generator such as np.random.default_rng(0), got {type(rng).__name__}"
+        )
     n = len(ids)
     if n < block_size + 1:
         raise DataError(
             f"the token sequence has {n} tokens but block_size={block_size} needs at least "
             f"{block_size + 1}; use more data or a smaller block_size"
         )
-    offsets = rng.integers(0, n - block_size, size=batch_size)           # (B,)
-    index = offsets[:, None] + np.arange(block_size + 1)[None, :]          # (B, T+1)
-    windows = np.asarray(ids)[index].astype(np.int64)                      # gathers only these rows
+    offsets = rng.integers(0, n - block_size, size=batch_size)  # (B,)
+    index = offsets[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
+    windows = np.asarray(ids)[index].astype(np.int64)  # gathers only these rows
     return windows[:, :-1], windows[:, 1:]

@@ -107,7 +107,9 @@ def check_model(model, idx, targets, eps=1e-6, max_entries=None, seed=0, names=N
     model must be deterministic between calls: dropout and router noise are off (eval mode).
     """
     if model.dtype != "float64":
-        raise ValueError(f"check_model needs a float64 model (GPT(config, dtype='float64')), got {model.dtype}")
+        raise ValueError(
+            f"check_model needs a float64 model (GPT(config, dtype='float64')), got {model.dtype}"
+        )
     was_training = model.training
     model.eval()
     try:

@@ -20,48 +20,126 @@ PRESETS = {
     "dense": dict(_TOY, ffn_hidden=512),
     # Mixtral-style: 8 SwiGLU experts of F = 256, top-2, renormalised softmax over the chosen 2.
     # Active FFN weights per token: 2 experts * 3*128*256 = 196,608 (= dense) + router 128*8.
-    "mixtral": dict(_TOY, n_experts=8, top_k=2, expert_hidden=256, router="softmax", renormalize=True,
-                    aux_loss_coef=0.01),
+    "mixtral": dict(
+        _TOY, n_experts=8, top_k=2, expert_hidden=256, router="softmax", renormalize=True, aux_loss_coef=0.01
+    ),
     # Switch-style: 8 experts of F = 512, top-1, gate = p (NOT renormalised: with k=1 a
     # renormalised gate is always 1 and the router would get no gradient), capacity factor 1.25.
     # Active: 1 * 3*128*512 = 196,608 (= dense) + router.
-    "switch": dict(_TOY, n_experts=8, top_k=1, expert_hidden=512, router="softmax", renormalize=False,
-                   capacity_factor=1.25, aux_loss_coef=0.01),
+    "switch": dict(
+        _TOY,
+        n_experts=8,
+        top_k=1,
+        expert_hidden=512,
+        router="softmax",
+        renormalize=False,
+        capacity_factor=1.25,
+        aux_loss_coef=0.01,
+    ),
     # DeepSeekMoE-style fine-grained + shared experts with DeepSeek-V3's bias balancing: each
     # Mixtral expert split in 2 (16 experts of F = 128), top-3 routed + 1 always-on shared expert
     # of F = 128. Active: (3 + 1) * 3*128*128 = 196,608 (= dense) + router. No balancing loss:
     # the selection bias balances the load.
-    "deepseek": dict(_TOY, n_experts=16, top_k=3, expert_hidden=128, n_shared_experts=1, shared_hidden=128,
-                     router="sigmoid_bias", aux_loss_coef=0.0, bias_update_rate=1e-3),
+    "deepseek": dict(
+        _TOY,
+        n_experts=16,
+        top_k=3,
+        expert_hidden=128,
+        n_shared_experts=1,
+        shared_hidden=128,
+        router="sigmoid_bias",
+        aux_loss_coef=0.0,
+        bias_update_rate=1e-3,
+    ),
     # The rumoured GPT-4 layout at toy scale: 16 experts, top-2, F = 256.
     # Active: 2 * 3*128*256 = 196,608 (= dense) + router.
-    "gpt4-rumoured": dict(_TOY, n_experts=16, top_k=2, expert_hidden=256, router="softmax", renormalize=True,
-                          aux_loss_coef=0.01),
+    "gpt4-rumoured": dict(
+        _TOY, n_experts=16, top_k=2, expert_hidden=256, router="softmax", renormalize=True, aux_loss_coef=0.01
+    ),
     # ---------------- published full-size configurations: counted, never built ----------------
     # GPT-2 small (Radford et al. 2019), 124M.
-    "gpt2-124m": dict(flavour="gpt2", vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
-                      counted_only=True),
+    "gpt2-124m": dict(
+        flavour="gpt2",
+        vocab_size=50257,
+        block_size=1024,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        counted_only=True,
+    ),
     # GPT-3 175B (Brown et al. 2020, table 2.1).
-    "gpt3-175b": dict(flavour="gpt2", vocab_size=50257, block_size=2048, n_layer=96, n_head=96, n_embd=12288,
-                      counted_only=True),
+    "gpt3-175b": dict(
+        flavour="gpt2",
+        vocab_size=50257,
+        block_size=2048,
+        n_layer=96,
+        n_head=96,
+        n_embd=12288,
+        counted_only=True,
+    ),
     # Mixtral 8x7B (Jiang et al. 2024; its config.json): 46.7B total, 12.9B active.
-    "mixtral-8x7b": dict(flavour="llama", vocab_size=32000, block_size=32768, n_layer=32, n_head=32,
-                         n_kv_head=8, n_embd=4096, ffn_hidden=14336, n_experts=8, top_k=2, rope_theta=1e6,
-                         counted_only=True),
+    "mixtral-8x7b": dict(
+        flavour="llama",
+        vocab_size=32000,
+        block_size=32768,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=4096,
+        ffn_hidden=14336,
+        n_experts=8,
+        top_k=2,
+        rope_theta=1e6,
+        counted_only=True,
+    ),
     # DeepSeekMoE 16B (Dai et al. 2024): first block dense (F = 10944), then 64 fine-grained experts
     # (F = 1408), top-6, plus 2 shared experts; 16.4B total, 2.8B active.
-    "deepseek-moe-16b": dict(flavour="llama", vocab_size=102400, block_size=4096, n_layer=28, n_head=16,
-                             n_embd=2048, ffn_hidden=10944, first_dense=1, n_experts=64, top_k=6,
-                             expert_hidden=1408, n_shared_experts=2, renormalize=False, counted_only=True),
+    "deepseek-moe-16b": dict(
+        flavour="llama",
+        vocab_size=102400,
+        block_size=4096,
+        n_layer=28,
+        n_head=16,
+        n_embd=2048,
+        ffn_hidden=10944,
+        first_dense=1,
+        n_experts=64,
+        top_k=6,
+        expert_hidden=1408,
+        n_shared_experts=2,
+        renormalize=False,
+        counted_only=True,
+    ),
     # OLMoE-1B-7B (Muennighoff et al. 2024): 64 experts (F = 1024), top-8; 6.9B total, 1.3B active.
-    "olmoe-1b-7b": dict(flavour="llama", vocab_size=50304, block_size=4096, n_layer=16, n_head=16, n_embd=2048,
-                        n_experts=64, top_k=8, expert_hidden=1024, renormalize=False, counted_only=True),
+    "olmoe-1b-7b": dict(
+        flavour="llama",
+        vocab_size=50304,
+        block_size=4096,
+        n_layer=16,
+        n_head=16,
+        n_embd=2048,
+        n_experts=64,
+        top_k=8,
+        expert_hidden=1024,
+        renormalize=False,
+        counted_only=True,
+    ),
     # GPT-4 as RUMOURED: an UNCONFIRMED leak (SemiAnalysis, July 2023; never confirmed by OpenAI):
     # ~1.8T parameters, 120 layers, 16 experts of ~111B each, top-2, ~55B shared attention
     # parameters, ~280B active per token. A width of 10752 (84 heads of 128) with GELU MLP experts
     # of 4x width reproduces those totals; the vocabulary is cl100k's.
-    "gpt4-rumoured-full": dict(flavour="gpt2", vocab_size=100256, block_size=8192, n_layer=120, n_head=84,
-                               n_embd=10752, n_experts=16, top_k=2, tie_embeddings=False, counted_only=True),
+    "gpt4-rumoured-full": dict(
+        flavour="gpt2",
+        vocab_size=100256,
+        block_size=8192,
+        n_layer=120,
+        n_head=84,
+        n_embd=10752,
+        n_experts=16,
+        top_k=2,
+        tie_embeddings=False,
+        counted_only=True,
+    ),
 }
 
 
@@ -114,5 +192,9 @@ def count_params(config: Config) -> dict:
             active += ffn(c.ffn_hidden)
             matmul_active += ffn(c.ffn_hidden)
     flops = 2 * matmul_active + 4 * c.n_layer * c.block_size * H * D
-    return {"total": int(total), "active": int(active), "flops_per_token": int(flops),
-            "train_flops_per_token": int(3 * flops)}
+    return {
+        "total": int(total),
+        "active": int(active),
+        "flops_per_token": int(flops),
+        "train_flops_per_token": int(3 * flops),
+    }

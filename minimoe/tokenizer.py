@@ -29,17 +29,20 @@ def _check_ids(ids, vocab_size: int) -> list[int]:
 # Character tokenizer
 # --------------------------------------------------------------------------
 
+
 class CharTokenizer:
     """One token per character; the vocabulary is the sorted set of characters."""
 
     def __init__(self, chars):
         self.chars = list(chars)
         if not self.chars or len(set(self.chars)) != len(self.chars):
-            raise ValueError(f"CharTokenizer needs a non-empty list of distinct characters, got {len(self.chars)} entries")
+            raise ValueError(
+                f"CharTokenizer needs a non-empty list of distinct characters, got {len(self.chars)} entries"
+            )
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
+    def from_text(cls, text: str) -> CharTokenizer:
         if not text:
             raise ValueError("cannot build a CharTokenizer from empty text; pass some training text")
         return cls(sorted(set(text)))
@@ -64,7 +67,7 @@ class CharTokenizer:
         return {"type": "char", "chars": self.chars}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CharTokenizer":
+    def from_dict(cls, d: dict) -> CharTokenizer:
         return cls(d["chars"])
 
 
@@ -123,7 +126,7 @@ class BPETokenizer:
         return len(self.vocab)
 
     @classmethod
-    def train(cls, text: str, vocab_size: int, verbose: bool = False) -> "BPETokenizer":
+    def train(cls, text: str, vocab_size: int, verbose: bool = False) -> BPETokenizer:
         """Learn ``vocab_size - 256`` merges from ``text``, most frequent pair first.
 
         Ties between equally frequent pairs go to the smaller pair, so training
@@ -131,7 +134,9 @@ class BPETokenizer:
         no adjacent pairs are left to merge.
         """
         if not isinstance(vocab_size, int) or vocab_size < 256:
-            raise ValueError(f"BPE vocab_size must be an integer >= 256 (the 256 byte tokens), got {vocab_size!r}")
+            raise ValueError(
+                f"BPE vocab_size must be an integer >= 256 (the 256 byte tokens), got {vocab_size!r}"
+            )
 
         # Work on unique chunks, each weighted by how often it occurs.
         counts = Counter(split_chunks(text))
@@ -195,7 +200,7 @@ class BPETokenizer:
         return {"type": "bpe", "merges": [list(p) for p in self.merges]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BPETokenizer":
+    def from_dict(cls, d: dict) -> BPETokenizer:
         return cls(d["merges"])
 
 

@@ -38,7 +38,16 @@ def run_tests(report):
     env = dict(os.environ, MINIMOE_BACKEND="cupy", MPLBACKEND="Agg")
     t0 = time.time()
     # the lesson notebooks are skipped here: they are CPU lessons and take minutes
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "--ignore=tests/test_lessons.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests",
+        "--ignore=tests/test_lessons.py",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
     print(proc.stdout[-3000:] if proc.returncode else tail[0])

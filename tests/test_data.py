@@ -25,6 +25,7 @@ def one_sentence(exc_info):
 
 # ---------------------------------------------------------------- corpora
 
+
 def test_builtin_corpus():
     text = data.builtin_corpus()
     assert isinstance(text, str) and len(text) > 400_000
@@ -59,6 +60,7 @@ def test_read_text_file_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- synthetic
+
 
 def test_synthetic_deterministic_and_tagged():
     a = data.synthetic_corpus(500, seed=0)
@@ -103,6 +105,7 @@ def test_synthetic_subset_and_bad_task():
 
 # ---------------------------------------------------------------- token files
 
+
 @pytest.mark.parametrize("high, dtype", [(65535, np.uint16), (70000, np.uint32)])
 def test_save_load_tokens(tmp_path, high, dtype):
     ids = np.random.default_rng(0).integers(0, high, size=1000)
@@ -126,6 +129,7 @@ def test_tokens_edge_cases(tmp_path):
 
 
 # ---------------------------------------------------------------- split / batch
+
 
 def test_train_val_split():
     ids = np.arange(100)
@@ -164,6 +168,7 @@ def test_get_batch_errors():
 
 
 # ---------------------------------------------------------------- download
+
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):

@@ -27,6 +27,7 @@ def random_unicode(rng, n):
 
 # ---------------------------------------------------------------- char
 
+
 def test_char_round_trip(corpus_slice):
     tok = CharTokenizer.from_text(corpus_slice)
     assert tok.chars == sorted(set(corpus_slice))
@@ -55,6 +56,7 @@ def test_char_dict_round_trip():
 
 
 # ---------------------------------------------------------------- bpe
+
 
 def test_chunks_cover_everything():
     rng = np.random.default_rng(0)
@@ -91,7 +93,7 @@ def test_bpe_unicode_training_round_trip():
 
 def test_bpe_decode_invalid_utf8_uses_replacement():
     tok = BPETokenizer.train("x", 256)
-    assert tok.decode(list("é".encode("utf-8"))[:1]) == "\ufffd"
+    assert tok.decode(list("é".encode())[:1]) == "\ufffd"
 
 
 def test_bpe_deterministic(corpus_slice):

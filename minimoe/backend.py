@@ -121,15 +121,11 @@ def make_rng(seed, xp=None):
 def scatter_add(target, indices, values):
     """target[indices[i]] += values[i], accumulating repeated indices (in place).
 
-    target (V, ...), indices (N,) integer, values (N, ...). numpy: `np.add.at`; cupy:
-    `cupyx.scatter_add`. Used by the embedding backward (a token id can appear many times).
+    target (V, ...), indices (N,) integer, values (N, ...). `ufunc.at` is the unbuffered form of
+    `+=` that numpy and CuPy (13+, an atomic-add kernel) both spell `xp.add.at`; a plain
+    `target[indices] += values` would keep only one update per repeated index.
     """
-    if is_cupy_array(target):
-        import cupyx
-
-        cupyx.scatter_add(target, indices, values)
-    else:
-        numpy.add.at(target, indices, values)
+    xp_of(target).add.at(target, indices, values)
     return target
 
 

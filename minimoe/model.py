@@ -108,16 +108,15 @@ def ffn_backward(c: Config, dy, cache, pre: str, grads: dict):
 
 
 class _Recycling(dict):
-    """The forward's cache dict: storing an entry first drops the previous step's entry of the
-    same name (see GPT.forward)."""
+    """The forward's cache dict: storing an entry drops the previous step's entry of that name."""
 
-    def __init__(self, old: dict):
+    def __init__(self, previous: dict):
         super().__init__()
-        self.old = old
+        self.previous = previous
 
-    def __setitem__(self, key, value):
-        self.old.pop(key, None)
-        super().__setitem__(key, value)
+    def __setitem__(self, name, value):
+        self.previous.pop(name, None)
+        super().__setitem__(name, value)
 
 
 class GPT:
@@ -166,18 +165,21 @@ class GPT:
         return int(sum(v.size for v in self.params.values()))
 
     def _check_idx(self, idx, name="idx"):
-        xp = self.xp
+        """ValueError unless idx is an integer (B, T) array of ids in range. A host (numpy)
+        array is checked on the host; a device array costs one copy of its min and max."""
         if not hasattr(idx, "ndim") or idx.ndim != 2:
             raise ValueError(f"{name} must be an integer array of shape (B, T), got {getattr(idx, 'shape', type(idx))}")
         if idx.dtype.kind not in "iu":
             raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
         lo = -1 if name == "targets" else 0  # targets may hold ignore_index = -1 (not counted)
-        if idx.size and (int(idx.min()) < lo or int(idx.max()) >= self.config.vocab_size):
+        if not idx.size:
+            return
+        xp = backend.xp_of(idx)
+        got_lo, got_hi = backend.to_numpy(xp.stack([idx.min(), idx.max()])).tolist()
+        if got_lo < lo or got_hi >= self.config.vocab_size:
             raise ValueError(
-                f"{name} holds ids outside [{lo}, {self.config.vocab_size}); got min {int(idx.min())}, "
-                f"max {int(idx.max())}"
+                f"{name} holds ids outside [{lo}, {self.config.vocab_size}); got min {got_lo}, max {got_hi}"
             )
-        return xp
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx, targets=None, kv_cache=None):
@@ -189,19 +191,20 @@ class GPT:
         kv_cache: an `attention.KVCache` for generation; its positions advance by T.
         """
         c, p, xp = self.config, self.params, self.xp
+        self._check_idx(idx)  # on the host when idx comes from the host (no device sync)
         if not backend.is_cupy_array(idx) and xp is not numpy:
-            idx = xp.asarray(idx)
-        self._check_idx(idx)
+            idx = xp.asarray(idx)  # the batch moves to the device once
         B, T = idx.shape
         pos0 = kv_cache.pos if kv_cache is not None else 0
         if pos0 + T > c.block_size:
             raise ValueError(f"sequence length {pos0 + T} exceeds block_size = {c.block_size}")
         train = self.training and kv_cache is None
-        # Last step's activations are freed piece by piece as this step makes the same pieces:
-        # the allocator then reuses that memory at once (peak memory stays at ONE step's worth),
-        # instead of returning it to the OS and paying page faults to get it back.
-        old, self._cache = self._cache or {}, None
-        caches = _Recycling(old)
+        # The last step's activations are freed piece by piece, as this step stores the same
+        # piece: peak memory stays near ONE step's worth (not two), and the allocator reuses the
+        # freed memory at once. (Freeing them all up front let glibc hand the memory back to the
+        # OS, and getting it back cost page faults worth ~15% of a laptop-size step.)
+        caches = _Recycling(self._cache or {})
+        self._cache = None
 
         x, caches["wte"] = embedding.embedding_forward(idx, p["wte"])
         if c.pos_emb == "learned":
@@ -244,9 +247,9 @@ class GPT:
         if targets is None:
             self._cache = None
             return logits, None
+        self._check_idx(targets, "targets")
         if not backend.is_cupy_array(targets) and xp is not numpy:
             targets = xp.asarray(targets)
-        self._check_idx(targets, "targets")
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {idx.shape}, got {targets.shape}")
         lm_loss, caches["loss"] = loss.cross_entropy_forward(logits, targets)

@@ -102,6 +102,7 @@ def moe_forward(c, h, p, buffers, pre, rng, training):
         "aux_loss": aux,
         "z_loss": z,
         "expert_idx": idx,  # (N, K), for routing analysis
+        "gates": gates,  # (N, K), the weights of those experts
     }
     cache = (c_router, c_wnoise, c_noise, c_gate, c_probs, c_aux, c_z, c_disp, c_exp, c_comb, c_shared,
              (B, T, C))

@@ -194,7 +194,7 @@ def split_data(ids, block_size: int, source: str):
 def train_step(model, optimizer, xb, yb, lr: float, grad_clip: float):
     """One optimizer step on host batch (xb, yb) (B, T); returns the LM loss as a 0-d device array
     (reading it would force a host/device synchronisation, so the caller decides when)."""
-    model.forward(backend.to_device(xb, model.xp), backend.to_device(yb, model.xp))
+    model.forward(xb, yb)  # checks the ids on the host, then moves the batch to the device once
     model.backward()
     if grad_clip > 0:
         clip_grad_norm(model.grads, grad_clip)  # global L2 norm of all gradients <= grad_clip
@@ -229,7 +229,7 @@ def estimate_loss(model, ids, batch_size: int, block_size: int, eval_iters: int,
     try:
         for _ in range(eval_iters):
             x, y = data.get_batch(ids, batch_size, block_size, rng)
-            model.forward(backend.to_device(x, model.xp), backend.to_device(y, model.xp))
+            model.forward(x, y)  # host batch: checked on the host, moved once
             losses.append(model.stats["lm_loss"])
     finally:
         if was_training:

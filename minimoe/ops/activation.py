@@ -95,19 +95,20 @@ def _ignore_overflow(xp):
 
 
 def silu_forward(x):
-    """(...) -> (...).  SiLU(x) = x * sigmoid(x)  (a.k.a. swish; Elfwing et al. 2017)."""
+    """(...) -> (...).  SiLU(x) = x * sigmoid(x)  (a.k.a. swish; Elfwing et al. 2017).
+    The cache keeps the output y and s = sigmoid(x), not x: the backward needs only those."""
     s = sigmoid(x)
-    return x * s, (x, s)
+    y = x * s
+    return y, (y, s)
 
 
 def silu_backward(dy, cache):
-    """dy -> dx.  d/dx [x s(x)] = s + x s (1 - s) = s (1 + x (1 - s))."""
-    x, s = cache
-    xp = backend.xp_of(x)
+    """dy -> dx.  d/dx [x s(x)] = s + x s (1 - s) = s + y (1 - s),  y = x s."""
+    y, s = cache
+    xp = backend.xp_of(y)
     d = xp.subtract(1.0, s)  # evaluated in place in one buffer
-    d *= x
-    d += 1.0
-    d *= s
+    d *= y
+    d += s
     d *= dy
     return d
 

@@ -70,6 +70,18 @@ def _causal_mask(Tq, Tk, xp, dtype):
     return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
 
 
+# The (Tq, Tk) scores are made and softmaxed a few batch rows at a time, so that the softmax's
+# passes over them hit the CPU cache instead of memory (about 4 MB of scores per chunk: at the
+# laptop size the whole batch is one chunk, at T = 256 this made attention ~20% faster).
+_CHUNK_BYTES = 4 * 2**20
+
+
+def _batch_chunks(B, score_bytes_per_row):
+    """Slices of the batch axis, each holding about _CHUNK_BYTES of attention scores."""
+    step = max(1, _CHUNK_BYTES // max(1, score_bytes_per_row))
+    return [slice(b, min(b + step, B)) for b in range(0, B, step)]
+
+
 def causal_attention_forward(q, k, v):
     """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with Tk >= Tq -> y (B, H, Tq, D).
 
@@ -85,17 +97,20 @@ def causal_attention_forward(q, k, v):
     g = H // Hkv
     scale = 1.0 / math.sqrt(D)
     qg = q.reshape(B, Hkv, g * Tq, D)
-    # attention scores (B, Hkv, g*Tq, Tk); scaling q (Tq*D numbers) is cheaper than scaling s (Tq*Tk)
-    s = (qg * scale) @ k.swapaxes(-1, -2)
-    # causal mask, broadcast over (B, Hkv, g)
-    s.reshape(B, Hkv, g, Tq, Tk)[...] += _causal_mask(Tq, Tk, xp, s.dtype)
-    # softmax over keys, in place (every pass over the Tq*Tk scores costs as much as a matmul)
-    s -= s.max(axis=-1, keepdims=True)
-    xp.exp(s, out=s)
-    s *= 1.0 / s.sum(axis=-1, keepdims=True)  # one division per row, then multiplies
-    p = s
-    y = (p @ v).reshape(B, H, Tq, D)
-    return y, (qg, k, v, p, scale)
+    qs = qg * scale  # scaling q (Tq*D numbers) is cheaper than scaling the scores (Tq*Tk)
+    mask = _causal_mask(Tq, Tk, xp, q.dtype)
+    p = xp.empty((B, Hkv, g * Tq, Tk), dtype=q.dtype)
+    y = xp.empty((B, Hkv, g * Tq, D), dtype=q.dtype)
+    for b in _batch_chunks(B, p[0:1].nbytes):
+        s = p[b]  # these batch rows' attention scores, turned into probabilities in place
+        xp.matmul(qs[b], k[b].swapaxes(-1, -2), out=s)
+        s.reshape(-1, Hkv, g, Tq, Tk)[...] += mask  # causal mask, broadcast over (B, Hkv, g)
+        # softmax over keys
+        s -= s.max(axis=-1, keepdims=True)
+        xp.exp(s, out=s)
+        s *= 1.0 / s.sum(axis=-1, keepdims=True)  # one division per row, then multiplies
+        xp.matmul(s, v[b], out=y[b])
+    return y.reshape(B, H, Tq, D), (qg, k, v, p, scale)
 
 
 def causal_attention_backward(dy, cache):
@@ -112,18 +127,20 @@ def causal_attention_backward(dy, cache):
     B, H, Tq, D = dy.shape
     Hkv = k.shape[1]
     dyg = dy.reshape(B, Hkv, -1, D)
-    dv = p.swapaxes(-1, -2) @ dyg
-    dp = dyg @ v.swapaxes(-1, -2)
-    # softmax backward in place in dp's buffer; einsum sums dp * p without a (Tq, Tk) temporary
-    dp -= xp.einsum("...ij,...ij->...i", dp, p)[..., None]
-    dp *= p
-    ds = dp
+    dq, dk, dv = (xp.empty(a.shape, dtype=dy.dtype) for a in (qg, k, v))
+    for b in _batch_chunks(B, p[0:1].nbytes):  # a few batch rows at a time, as in the forward
+        xp.matmul(p[b].swapaxes(-1, -2), dyg[b], out=dv[b])
+        dp = dyg[b] @ v[b].swapaxes(-1, -2)
+        # softmax backward in place in dp; einsum sums dp * p without a (Tq, Tk) temporary
+        dp -= xp.einsum("...ij,...ij->...i", dp, p[b])[..., None]
+        dp *= p[b]
+        ds = dp
+        xp.matmul(ds, k[b], out=dq[b])
+        xp.matmul(ds.swapaxes(-1, -2), qg[b], out=dk[b])
     # the scale goes on the (T, D) results rather than on ds (Tq, Tk)
-    dq = (ds @ k).reshape(B, H, Tq, D)
     dq *= scale
-    dk = ds.swapaxes(-1, -2) @ qg
     dk *= scale
-    return dq, dk, dv
+    return dq.reshape(B, H, Tq, D), dk, dv
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,9 +95,9 @@ def combine_backward(dy, cache):
     dropped slots get dgate = 0."""
     xp = backend.xp_of(dy)
     y_sorted, gate_sorted, (order, token, slot_pos, M, N, K) = cache
-    dy_tok = dy[token]  # (M, C)
-    dy_sorted = dy_tok * gate_sorted[:, None]
-    dgate_sorted = (dy_tok * y_sorted).sum(axis=-1)
+    dy_sorted = dy[token]  # (M, C), each slot's token gradient (a gathered copy) ...
+    dgate_sorted = xp.einsum("mc,mc->m", dy_sorted, y_sorted)  # row dots, no (M, C) temporary
+    dy_sorted *= gate_sorted[:, None]  # ... then scaled by the slot's gate, in place
     dgates = xp.zeros(N * K, dtype=dy.dtype)
     dgates[order] = dgate_sorted
     return dy_sorted, dgates.reshape(K, N).T

@@ -23,7 +23,7 @@ setup(
         "lessons": ["jupyter", "nbclient>=0.7", "nbformat>=5", "ipykernel", "matplotlib>=3.5", "tqdm"],
         "test": [
             "pytest>=7",
-            "ruff>=0.5",
+            "ruff==0.17.6",  # pinned: the formatter check in .ci/run must not drift
             "nbmake>=1.4",
             "nbclient>=0.7",
             "nbformat>=5",
@@ -37,7 +37,6 @@ setup(
     entry_points={"console_scripts": ["minimoe=minimoe.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -1,4 +1,4 @@
-"""The speed targets of docs/notes/speed.md, measured several times: minimoe vs PyTorch eager.
+"""The speed targets of docs/speed.md, measured several times: minimoe vs PyTorch eager.
 
     PYTHONPATH=. python benchmarks/targets.py            # 3 runs of each target, ~10 minutes
     PYTHONPATH=. python benchmarks/targets.py --runs 1 --only laptop-dense

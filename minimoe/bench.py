@@ -187,7 +187,7 @@ def time_steps(steps: dict, iters: int, warmup: int, pause: float = 0.15) -> dic
     The runners alternate step by step (swapping who goes first), so a change in machine load
     hits all of them alike. Before each step we pause: after a call, OpenBLAS's worker threads
     spin for up to ~0.1 s waiting for more work, and spinning threads of one library would steal
-    the cores of the other (PyTorch's steps ran 10x slower without the pause).
+    the cores of the other (PyTorch's steps ran 100x slower without the pause).
     """
     for step in steps.values():
         for _ in range(warmup):

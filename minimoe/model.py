@@ -140,7 +140,9 @@ class GPT:
         self.params = {k: backend.to_device(v, self.xp, self.dtype) for k, v in host.items()}
         self.grads: dict = {}
         # State that is not trained by the optimizer (e.g. DeepSeek-V3's selection bias).
-        self.buffers = {k: backend.to_device(v, self.xp, self.dtype) for k, v in moe.init_buffers(config).items()}
+        self.buffers = {
+            k: backend.to_device(v, self.xp, self.dtype) for k, v in moe.init_buffers(config).items()
+        }
         self.training = True
         self.rng = backend.make_rng(seed + 1, self.xp)  # dropout masks and router noise
         if config.pos_emb == "rope":
@@ -168,7 +170,9 @@ class GPT:
         """ValueError unless idx is an integer (B, T) array of ids in range. A host (numpy)
         array is checked on the host; a device array costs one copy of its min and max."""
         if not hasattr(idx, "ndim") or idx.ndim != 2:
-            raise ValueError(f"{name} must be an integer array of shape (B, T), got {getattr(idx, 'shape', type(idx))}")
+            raise ValueError(
+                f"{name} must be an integer array of shape (B, T), got {getattr(idx, 'shape', type(idx))}"
+            )
         if idx.dtype.kind not in "iu":
             raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
         lo = -1 if name == "targets" else 0  # targets may hold ignore_index = -1 (not counted)

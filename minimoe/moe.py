@@ -38,8 +38,11 @@ def init_params(c, pre, rng, std, std_out) -> dict:
     p[pre + "experts.w2"] = rng.standard_normal((E, F, C)) * std_out
     if c.n_shared_experts:
         S = c.n_shared_experts * c.shared_hidden
-        p.update(init_ffn_params(c, pre + "shared.", C, S, lambda shape, s: rng.standard_normal(shape) * s,
-                                 std, std_out))
+        p.update(
+            init_ffn_params(
+                c, pre + "shared.", C, S, lambda shape, s: rng.standard_normal(shape) * s, std, std_out
+            )
+        )
     return p
 
 
@@ -47,7 +50,9 @@ def init_buffers(c) -> dict:
     """Non-trained state: the DeepSeek-V3 selection bias of each MoE layer, zero at the start."""
     if c.n_experts == 0 or c.router != "sigmoid_bias":
         return {}
-    return {f"blocks.{i}.moe.router_bias": numpy.zeros(c.n_experts) for i in range(c.n_layer) if c.is_moe_block(i)}
+    return {
+        f"blocks.{i}.moe.router_bias": numpy.zeros(c.n_experts) for i in range(c.n_layer) if c.is_moe_block(i)
+    }
 
 
 def moe_forward(c, h, p, buffers, pre, rng, training):
@@ -104,8 +109,20 @@ def moe_forward(c, h, p, buffers, pre, rng, training):
         "expert_idx": idx,  # (N, K), for routing analysis
         "gates": gates,  # (N, K), the weights of those experts
     }
-    cache = (c_router, c_wnoise, c_noise, c_gate, c_probs, c_aux, c_z, c_disp, c_exp, c_comb, c_shared,
-             (B, T, C))
+    cache = (
+        c_router,
+        c_wnoise,
+        c_noise,
+        c_gate,
+        c_probs,
+        c_aux,
+        c_z,
+        c_disp,
+        c_exp,
+        c_comb,
+        c_shared,
+        (B, T, C),
+    )
     return y.reshape(B, T, C), cache, stats
 
 
@@ -117,8 +134,9 @@ def moe_backward(c, dy, cache, pre, grads):
     """
     from minimoe.model import ffn_backward
 
-    (c_router, c_wnoise, c_noise, c_gate, c_probs, c_aux, c_z, c_disp, c_exp, c_comb, c_shared,
-     (B, T, C)) = cache
+    (c_router, c_wnoise, c_noise, c_gate, c_probs, c_aux, c_z, c_disp, c_exp, c_comb, c_shared, (B, T, C)) = (
+        cache
+    )
     dy = dy.reshape(-1, C)
 
     dx = ffn_backward(c, dy, c_shared, pre + "shared.", grads) if c_shared is not None else None

@@ -29,8 +29,16 @@ class AdamW:
     Updates the arrays of `params` in place, so a model holding them sees the new values.
     """
 
-    def __init__(self, params: dict, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                 decay_embeddings=False, decay=None):
+    def __init__(
+        self,
+        params: dict,
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        decay_embeddings=False,
+        decay=None,
+    ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -118,7 +126,9 @@ def clip_grad_norm(grads: dict, max_norm: float):
     return total
 
 
-def cosine_lr(step: int, max_lr: float, warmup_iters: int, max_iters: int, min_lr: float | None = None) -> float:
+def cosine_lr(
+    step: int, max_lr: float, warmup_iters: int, max_iters: int, min_lr: float | None = None
+) -> float:
     """Learning rate at `step` (0-based): linear warmup from max_lr/warmup to max_lr over
     `warmup_iters` steps, then a half cosine from max_lr down to min_lr at `max_iters`, then
     min_lr (default max_lr / 10, as in Chinchilla-style schedules)."""

@@ -42,7 +42,9 @@ def dispatch_forward(x, idx, E, capacity=None):
     xp = backend.xp_of(x)
     N, K = idx.shape
     expert_of_slot = idx.T.reshape(-1)  # slot s = k*N + n
-    order = xp.argsort(expert_of_slot, kind="stable") if xp.__name__ == "numpy" else xp.argsort(expert_of_slot)
+    order = (
+        xp.argsort(expert_of_slot, kind="stable") if xp.__name__ == "numpy" else xp.argsort(expert_of_slot)
+    )
     counts = xp.bincount(expert_of_slot, minlength=E)  # assignments per expert, before drops
     if capacity is not None:
         starts = xp.cumsum(counts) - counts

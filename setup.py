@@ -24,7 +24,6 @@ setup(
         "test": [
             "pytest>=7",
             "ruff==0.17.6",  # pinned: the formatter check in .ci/run must not drift
-            "nbmake>=1.4",
             "nbclient>=0.7",
             "nbformat>=5",
             "ipykernel",

@@ -45,6 +45,8 @@ class AdamW:
             raise ValueError(f"betas must each be in [0, 1), got {betas}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not eps > 0:  # eps = 0 turns a parameter whose gradient is always 0 into 0/0 = NaN
+            raise ValueError(f"eps must be > 0, got {eps}")
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         decay = decay or (lambda n, p: default_decay(n, p, decay_embeddings))
@@ -118,6 +120,8 @@ def clip_grad_norm(grads: dict, max_norm: float):
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     arrays = [g for g in grads.values() if g is not None]
+    if not arrays:
+        raise ValueError("clip_grad_norm got no gradients; run model.backward() first")
     xp = backend.xp_of(arrays[0])
     total = xp.sqrt(sum((g.astype(xp.float64) ** 2).sum() for g in arrays))
     scale = xp.minimum(1.0, max_norm / (total + 1e-6))

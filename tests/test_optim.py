@@ -212,3 +212,13 @@ def test_cosine_lr_defaults_and_no_warmup():
 def test_cosine_lr_invalid_args(args, word):
     with pytest.raises(ValueError, match=word):
         cosine_lr(*args)
+
+
+def test_adamw_rejects_non_positive_eps():
+    with pytest.raises(ValueError, match="eps"):
+        AdamW({"w": np.ones((2, 2))}, eps=0.0)
+
+
+def test_clip_grad_norm_rejects_empty_grads():
+    with pytest.raises(ValueError, match="no gradients"):
+        clip_grad_norm({}, 1.0)

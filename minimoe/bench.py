@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minimoe.cli import _int_at_least
 from minimoe.config import Config
 from minimoe.model import GPT
 from minimoe.optim import AdamW
@@ -294,24 +295,9 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see `minimoe bench --help`)")
 
 
-def _positive(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
-    return v
-
-
-def _non_negative(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+# the command line's own argument checks, so `bench` reports bad sizes exactly like `train`
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
 
 
 def build_parser():

@@ -17,14 +17,12 @@ import os
 
 import numpy
 
+from minimoe.errors import BackendError, OptionError
+
 _VALID_BACKENDS = ("numpy", "cupy")
-_VALID_DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64")  # the float types minimoe trains and checks in
 
 _state = {"name": "numpy", "xp": numpy, "dtype": "float32"}
-
-
-class BackendError(RuntimeError):
-    """Raised when a backend is asked for and cannot be used (e.g. CuPy without a GPU)."""
 
 
 def _load_cupy():
@@ -50,7 +48,7 @@ def _load_cupy():
 def set_backend(name: str) -> None:
     """Select the array library for new arrays: 'numpy' (default) or 'cupy'."""
     if name not in _VALID_BACKENDS:
-        raise ValueError(f"backend must be one of {_VALID_BACKENDS}, got {name!r}")
+        raise OptionError(f"backend must be one of {_VALID_BACKENDS}, got {name!r}")
     _state["xp"] = numpy if name == "numpy" else _load_cupy()
     _state["name"] = name
 
@@ -68,8 +66,8 @@ def get_xp():
 def set_default_dtype(dtype: str) -> None:
     """Set the default float dtype for new parameters: 'float32' (default) or 'float64'."""
     name = numpy.dtype(dtype).name if dtype in (numpy.float32, numpy.float64) else dtype
-    if name not in _VALID_DTYPES:
-        raise ValueError(f"dtype must be one of {_VALID_DTYPES}, got {dtype!r}")
+    if name not in DTYPES:
+        raise OptionError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _state["dtype"] = name
 
 

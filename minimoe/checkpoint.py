@@ -30,13 +30,10 @@ import numpy as np
 
 from minimoe import backend
 from minimoe.config import Config
+from minimoe.errors import CheckpointError
 
 FORMAT = "minimoe-checkpoint-1"
 FILENAME = "ckpt.npz"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, corrupt or does not fit its model (one sentence)."""
 
 
 @dataclass

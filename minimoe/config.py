@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from minimoe.errors import ConfigError
+
 FLAVOURS = {
     "gpt2": dict(norm="layernorm", activation="gelu", pos_emb="learned", tie_embeddings=True, bias=True),
     "llama": dict(norm="rmsnorm", activation="swiglu", pos_emb="rope", tie_embeddings=False, bias=False),
@@ -64,7 +66,7 @@ class Config:
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
-            raise ValueError(f"flavour must be one of {tuple(FLAVOURS)}, got {self.flavour!r}")
+            raise ConfigError(f"Config.flavour must be one of {tuple(FLAVOURS)}, got {self.flavour!r}")
         for key, value in FLAVOURS[self.flavour].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -81,11 +83,11 @@ class Config:
         self.validate()
 
     def validate(self):
-        """Raise ValueError naming the first invalid field and what would be valid."""
+        """Raise ConfigError (a ValueError) naming the first invalid field and what would be valid."""
 
         def need(cond, field, valid):
             if not cond:
-                raise ValueError(f"Config.{field} = {getattr(self, field)!r} is invalid: {valid}")
+                raise ConfigError(f"Config.{field} = {getattr(self, field)!r} is invalid: {valid}")
 
         for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "it must be an integer >= 1")
@@ -138,7 +140,7 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown Config field(s) {unknown}; valid fields are {sorted(known)}")
+            raise ConfigError(f"unknown Config field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**d)
 
     def replace(self, **changes) -> Config:

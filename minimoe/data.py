@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minimoe.errors import DataError
+
 __all__ = [
     "DataError",
     "builtin_corpus",
@@ -43,10 +45,6 @@ __all__ = [
     "train_val_split",
     "get_batch",
 ]
-
-
-class DataError(ValueError):
-    """A problem with user-supplied data or data options (message is one sentence)."""
 
 
 # --------------------------------------------------------------------------

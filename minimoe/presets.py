@@ -12,6 +12,7 @@ raises an error.
 from __future__ import annotations
 
 from minimoe.config import Config
+from minimoe.errors import ConfigError
 
 _TOY = dict(flavour="llama", block_size=64, n_layer=4, n_head=4, n_embd=128, vocab_size=256)
 
@@ -143,10 +144,15 @@ PRESETS = {
 }
 
 
+def toy_presets() -> list[str]:
+    """The names of the presets that can be built and trained (not the counted-only ones)."""
+    return [name for name, d in PRESETS.items() if not d.get("counted_only")]
+
+
 def get_preset(name: str, **overrides) -> Config:
     """The Config of a named preset, with optional field overrides (e.g. vocab_size=65)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets are {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; valid presets are {', '.join(PRESETS)}")
     d = dict(PRESETS[name], name=name)
     d.update(overrides)
     return Config(**d)

@@ -1,4 +1,4 @@
-"""The Mixture-of-Experts layer: dispatch/combine and experts (ops/experts.py), the layer (moe.py)
+"""The Mixture-of-Experts layer: dispatch/combine and experts (ops/experts.py), the layer (layers/moe.py)
 and whole MoE GPTs: float64 gradient checks, routing semantics, and balancing during training.
 
 Top-k selection and capacity dropping are piecewise constant in the router logits. A
@@ -14,9 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from minimoe import GPT, AdamW, data, get_preset, moe
+from minimoe import GPT, AdamW, data, get_preset
 from minimoe.config import Config
 from minimoe.gradcheck import check_gradients, check_model, check_op
+from minimoe.layers import moe
 from minimoe.ops import experts, router
 from minimoe.ops.activation import sigmoid
 from minimoe.tokenizer import CharTokenizer

@@ -3,6 +3,7 @@
     h (B, T, C) -> (N, C), N = B*T
     logits = h W_router                                  (N, E)
     gates, idx = router(logits)                          (N, K) each, see ops/router.py
+                                                         (Config.router, .renormalize, .top_k)
     y = sum_k gates[:, k] * Expert_idx[:, k](h)          by sorting slots, see ops/experts.py
       + SharedFFN(h)                                     DeepSeekMoE's always-on experts, if any
 and per layer the Switch balancing loss and the ST-MoE z-loss (ops/balance.py), whose weighted
@@ -86,12 +87,13 @@ def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: b
     else:
         sel_logits = logits
 
-    # 2. gates and chosen experts (N, K)
+    # 2. gates and chosen experts (N, K). The softmax routers (plain and noisy) renormalise over
+    # the K chosen (Mixtral; Shazeer's softmax(KeepTopK(H))) or not (Switch, OLMoE) as
+    # c.renormalize says.
     if c.router == "sigmoid_bias":
         gates, idx, c_gate = router.sigmoid_bias_topk_forward(sel_logits, buffers[pre + "router_bias"], K)
     else:
-        renorm = True if c.router == "noisy" else c.renormalize
-        gates, idx, c_gate = router.softmax_topk_forward(sel_logits, K, renorm)
+        gates, idx, c_gate = router.softmax_topk_forward(sel_logits, K, c.renormalize)
 
     # 3. balancing losses on the full distribution, per layer
     probs, c_probs = router.router_probs_forward(sel_logits, c.router)

@@ -1,6 +1,6 @@
 """How much of the MoE layer's time goes to moving token-slots around (dispatch and combine)?
 
-Times one MoE layer, forward + backward (moe.moe_forward / moe.moe_backward), and inside it the
+Times one MoE layer, forward + backward (layers/moe.py: moe_forward / moe_backward), and inside it the
 four data-movement steps of ops/experts.py -- dispatch_forward, combine_forward,
 combine_backward, dispatch_backward -- against the experts' own matmuls and the router. Reports
 medians over repeated runs after warm-up.
@@ -30,8 +30,9 @@ import numpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minimoe import backend, moe  # noqa: E402
+from minimoe import backend  # noqa: E402
 from minimoe.config import Config  # noqa: E402
+from minimoe.layers import moe  # noqa: E402
 from minimoe.ops import experts  # noqa: E402
 
 DISPATCH_COMBINE = ("dispatch_forward", "combine_forward", "combine_backward", "dispatch_backward")
@@ -44,7 +45,7 @@ def _sync(xp):
 
 
 def instrument(times: dict, xp):
-    """Wrap the ops in ops/experts.py (moe.py calls them through the module) so each call adds
+    """Wrap the ops in ops/experts.py (layers/moe.py calls them through the module) so each call adds
     its wall time to times[name]."""
     for name in DISPATCH_COMBINE + EXPERTS:
         fn = getattr(experts, name)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minimoe.gradcheck import check_op, rel_error
+from minimoe.layers.attention import self_attention_forward
 from minimoe.ops import activation, attention
 
 np.set_printoptions(precision=3, suppress=True)
@@ -121,7 +122,7 @@ print("attention core is correct, and causal")
 C, H = 8, 2
 x = rng.standard_normal((B, T, C))
 wqkv, wo = rng.standard_normal((C, 3 * C)) / np.sqrt(C), rng.standard_normal((C, C)) / np.sqrt(C)
-y, _ = attention.self_attention_forward(x, wqkv, None, wo, None, n_head=H, n_kv_head=H)
+y, _ = self_attention_forward(x, wqkv, None, wo, None, n_head=H, n_kv_head=H)
 print("x", x.shape, "-> qkv", (B, T, 3 * C), "-> q, k, v 3 x", (B, H, T, C // H), "-> y", y.shape)
 
 # %% [markdown]

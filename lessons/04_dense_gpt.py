@@ -24,7 +24,8 @@ import numpy as np
 from minimoe import GPT, AdamW, Config, clip_grad_norm, cosine_lr
 from minimoe.data import builtin_corpus, get_batch, train_val_split
 from minimoe.gradcheck import check_op, rel_error
-from minimoe.ops import attention, embedding, ffn, linear, loss, norm
+from minimoe.layers import attention
+from minimoe.ops import embedding, ffn, linear, loss, norm
 from minimoe.tokenizer import CharTokenizer
 
 np.set_printoptions(precision=4, suppress=True)

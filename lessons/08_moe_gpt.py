@@ -24,10 +24,11 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minimoe import GPT, PRESETS, AdamW, Config, cosine_lr, count_params, get_preset, moe
+from minimoe import GPT, PRESETS, AdamW, Config, cosine_lr, count_params, get_preset
 from minimoe.backend import make_rng
 from minimoe.data import builtin_corpus, get_batch, train_val_split
 from minimoe.gradcheck import check_op, rel_error
+from minimoe.layers import moe
 from minimoe.ops import experts, linear, router
 from minimoe.tokenizer import CharTokenizer
 
@@ -79,7 +80,7 @@ def moe_layer_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check** against the package's MoE layer (`minimoe.moe.moe_forward` / `moe_backward`, which also
+# **Check** against the package's MoE layer (`minimoe.layers.moe.moe_forward` / `moe_backward`, which also
 # computes the balancing statistics) and a float64 gradient check with respect to every input.
 
 # %%
@@ -109,7 +110,7 @@ weights = [p["L.router.w"], p["L.experts.w1"], p["L.experts.w3"], p["L.experts.w
 
 y, cache = moe_layer_forward(h.reshape(-1, C), *weights, k=2)
 y_ref, cache_ref, _ = moe.moe_forward(cfg, h, p, {}, "L.", make_rng(0), training=False)
-assert rel_error(y, y_ref.reshape(-1, C)) < 1e-12, "forward differs from minimoe.moe.moe_forward"
+assert rel_error(y, y_ref.reshape(-1, C)) < 1e-12, "forward differs from minimoe.layers.moe.moe_forward"
 dy = rng.standard_normal((B * T, C))
 grads_ref = {}
 dh_ref = moe.moe_backward(cfg, dy.reshape(B, T, C), cache_ref, "L.", grads_ref)
@@ -120,7 +121,7 @@ for name, a, b in zip(
     [dh_ref.reshape(-1, C)]
     + [grads_ref["L." + k] for k in ("router.w", "experts.w1", "experts.w3", "experts.w2")],
 ):
-    assert rel_error(a, b) < 1e-10, f"gradient {name} differs from minimoe.moe.moe_backward"
+    assert rel_error(a, b) < 1e-10, f"gradient {name} differs from minimoe.layers.moe.moe_backward"
 
 errs = check_op(
     lambda *a: moe_layer_forward(*a, k=2), moe_layer_backward, [h.reshape(-1, C), *weights], eps=1e-5

@@ -29,7 +29,8 @@ import numpy as np
 import minimoe
 from minimoe.data import builtin_corpus
 from minimoe.gradcheck import check_op, rel_error
-from minimoe.ops.attention import KVCache, causal_attention_backward, causal_attention_forward, rope_tables
+from minimoe.layers.attention import KVCache
+from minimoe.ops.attention import causal_attention_backward, causal_attention_forward, rope_tables
 from minimoe.tokenizer import CharTokenizer
 
 text = builtin_corpus()
@@ -74,7 +75,7 @@ def generate_recompute(model, idx, max_new_tokens):
 # $K$ and $V$ of shape $(B, H_{kv}, T, D)$ — the **KV cache** — and each step runs the model on *one*
 # token: cost $2P + 4LC\,t$, and $Pn\cdot 2 + 2LC\,n^2$ in total: linear in $n$ for the weights.
 #
-# `minimoe.ops.attention.KVCache` is exactly that: two lists (keys, values) of zero arrays
+# `minimoe.layers.attention.KVCache` is exactly that: two lists (keys, values) of zero arrays
 # $(B, H_{kv}, T_{max}, D)$, one pair per layer, and a counter `pos` of filled positions. The attention
 # layer writes this call's keys and values at `pos .. pos+T-1` and attends over `0 .. pos+T-1`; the model
 # advances `pos` by $T$ after the last layer.

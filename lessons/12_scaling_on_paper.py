@@ -57,7 +57,7 @@ for name in full_size:
 # ## 1. One block, by hand
 #
 # Shapes: $C$ channels, $H$ query heads, $H_{kv}$ key/value heads, $D = C/H$ head size, $F$ hidden width,
-# $E$ experts, $K$ experts per token. `minimoe` stores (see `minimoe/model.py` and `minimoe/moe.py`):
+# $E$ experts, $K$ experts per token. `minimoe` stores (see `minimoe/model.py` and `minimoe/layers/moe.py`):
 #
 # **Attention** (grouped-query: Ainslie et al. 2023; $H_{kv} = H$ is ordinary multi-head attention):
 # $W_{qkv}$ of shape $C \times (H + 2H_{kv})D$ (queries, keys and values side by side) and

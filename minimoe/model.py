@@ -6,12 +6,13 @@
 
 Block i (pre-norm, as in GPT-2 and Llama):
     x = x + Dropout(Attention(Norm1(x)))
-    x = x + Dropout(MLP(Norm2(x)))       # MLP is dense, or a Mixture of Experts (moe.py)
+    x = x + Dropout(MLP(Norm2(x)))       # MLP: dense (layers/ffn.py) or MoE (layers/moe.py)
 Parameter names (C channels, F hidden, V vocab, E experts):
     wte (V, C) token embedding;  wpe (block_size, C) learned positions (gpt2 flavour)
     blocks.i.ln1.w/.b, blocks.i.attn.wqkv/.bqkv/.wo/.bo, blocks.i.ln2.w/.b
     blocks.i.mlp.w1/.b1/.w2/.b2 (GELU) or blocks.i.mlp.w1/.w3/.w2 (SwiGLU)
-    blocks.i.moe.* (MoE blocks, see moe.py);  ln_f.w/.b;  lm_head (C, V) when not tied to wte
+    blocks.i.moe.* (MoE blocks, see layers/moe.py);  ln_f.w/.b;  lm_head (C, V) when not tied to wte
+The attention block is layers/attention.py; the forward's caches live in a `StepCaches` (below).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import math
 
 import numpy
 
-from minimoe import backend, moe
+from minimoe import backend
 from minimoe.config import Config
-from minimoe.ops import activation, attention, dropout, embedding, ffn, linear, loss, norm
+from minimoe.layers import attention, ffn, moe
+from minimoe.ops import dropout, embedding, linear, loss, norm
+from minimoe.ops.attention import rope_tables
 
 
 def _init_params(config: Config, seed: int) -> dict:
@@ -61,7 +64,7 @@ def _init_params(config: Config, seed: int) -> dict:
         if c.is_moe_block(i):
             p.update(moe.init_params(c, pre + "moe.", rng, std, std_out))
         else:
-            p.update(init_ffn_params(c, pre + "mlp.", C, F, normal, std, std_out))
+            p.update(ffn.init_ffn_params(c, pre + "mlp.", F, rng, std, std_out))
     p["ln_f.w"] = numpy.ones(C)
     if c.norm == "layernorm":
         p["ln_f.b"] = numpy.zeros(C)
@@ -70,53 +73,28 @@ def _init_params(config: Config, seed: int) -> dict:
     return p
 
 
-def init_ffn_params(c: Config, pre: str, C: int, F: int, normal, std, std_out) -> dict:
-    """One dense feed-forward network's weights: GELU MLP (w1, b1, w2, b2) or SwiGLU (w1, w3, w2)."""
-    p = {}
-    if c.activation == "swiglu":
-        p[pre + "w1"] = normal((C, F), std)
-        p[pre + "w3"] = normal((C, F), std)
-        p[pre + "w2"] = normal((F, C), std_out)
-    else:
-        p[pre + "w1"] = normal((C, F), std)
-        if c.bias:
-            p[pre + "b1"] = numpy.zeros(F)
-        p[pre + "w2"] = normal((F, C), std_out)
-        if c.bias:
-            p[pre + "b2"] = numpy.zeros(C)
-    return p
+class StepCaches(dict):
+    """The caches one forward leaves for its backward, {name: cache}, recycled step by step.
 
+    Storing `caches[name] = ...` drops the PREVIOUS step's entry of that name, so last step's
+    activations are freed piece by piece as this step makes the same piece: peak memory stays
+    near ONE step's worth (not two), and the allocator hands the freed blocks straight back.
+    Why not simply free the whole previous cache before the forward? Then glibc returned the
+    memory to the OS, and faulting it back in cost ~15% of a laptop-size training step.
+    """
 
-def ffn_forward(c: Config, x, p: dict, pre: str):
-    """A dense feed-forward network of config `c` with weights p[pre + ...]. (..., C) -> (..., C)."""
-    if c.activation == "swiglu":
-        return ffn.swiglu_mlp_forward(x, p[pre + "w1"], p[pre + "w3"], p[pre + "w2"])
-    approx = "tanh" if c.activation == "gelu" else "none"
-    return ffn.gelu_mlp_forward(x, p[pre + "w1"], p.get(pre + "b1"), p[pre + "w2"], p.get(pre + "b2"), approx)
-
-
-def ffn_backward(c: Config, dy, cache, pre: str, grads: dict):
-    """Backward of `ffn_forward`: returns dx and writes the weight gradients into grads."""
-    if c.activation == "swiglu":
-        dx, grads[pre + "w1"], grads[pre + "w3"], grads[pre + "w2"] = ffn.swiglu_mlp_backward(dy, cache)
-        return dx
-    dx, dw1, db1, dw2, db2 = ffn.gelu_mlp_backward(dy, cache)
-    grads[pre + "w1"], grads[pre + "w2"] = dw1, dw2
-    if db1 is not None:
-        grads[pre + "b1"], grads[pre + "b2"] = db1, db2
-    return dx
-
-
-class _Recycling(dict):
-    """The forward's cache dict: storing an entry drops the previous step's entry of that name."""
-
-    def __init__(self, previous: dict):
+    def __init__(self, previous: dict | None):
         super().__init__()
-        self.previous = previous
+        self._previous = previous if previous is not None else {}
 
     def __setitem__(self, name, value):
-        self.previous.pop(name, None)
+        self._previous.pop(name, None)
         super().__setitem__(name, value)
+
+    def done(self) -> dict:
+        """This step's caches as a plain dict; what is left of the previous step is let go."""
+        self._previous = {}
+        return dict(self)
 
 
 class GPT:
@@ -146,7 +124,7 @@ class GPT:
         self.training = True
         self.rng = backend.make_rng(seed + 1, self.xp)  # dropout masks and router noise
         if config.pos_emb == "rope":
-            self._rope = attention.rope_tables(
+            self._rope = rope_tables(
                 config.block_size, config.head_size, config.rope_theta, xp=self.xp, dtype=self.dtype
             )
         self._cache = None
@@ -192,7 +170,7 @@ class GPT:
         The loss is the training objective: the mean token cross-entropy plus, for MoE models,
         aux_loss_coef * (sum of the layers' balancing losses) + z_loss_coef * (sum of z-losses).
         `model.stats` holds the parts (lm_loss, aux_loss, z_loss) and per-layer routing statistics.
-        kv_cache: an `attention.KVCache` for generation; its positions advance by T.
+        kv_cache: a `layers.attention.KVCache` for generation; its positions advance by T.
         """
         c, p, xp = self.config, self.params, self.xp
         self._check_idx(idx)  # on the host when idx comes from the host (no device sync)
@@ -203,12 +181,7 @@ class GPT:
         if pos0 + T > c.block_size:
             raise ValueError(f"sequence length {pos0 + T} exceeds block_size = {c.block_size}")
         train = self.training and kv_cache is None
-        # The last step's activations are freed piece by piece, as this step stores the same
-        # piece: peak memory stays near ONE step's worth (not two), and the allocator reuses the
-        # freed memory at once. (Freeing them all up front let glibc hand the memory back to the
-        # OS, and getting it back cost page faults worth ~15% of a laptop-size step.)
-        caches = _Recycling(self._cache or {})
-        self._cache = None
+        caches, self._cache = StepCaches(previous=self._cache), None
 
         x, caches["wte"] = embedding.embedding_forward(idx, p["wte"])
         if c.pos_emb == "learned":
@@ -218,28 +191,17 @@ class GPT:
         if c.pos_emb == "rope":
             rope = (self._rope[0][pos0 : pos0 + T], self._rope[1][pos0 : pos0 + T])
 
-        self.stats = {"layers": []}
-        aux_total = z_total = 0.0
+        self.stats = {"layers": []}  # the MoE layers append their routing statistics
         for i in range(c.n_layer):
             pre = f"blocks.{i}."
+            # x = x + Dropout(Attention(Norm1(x)))
             h, caches[pre + "ln1"] = self._norm_forward(x, pre + "ln1")
-            a, caches[pre + "attn"] = attention.self_attention_forward(
-                h, p[pre + "attn.wqkv"], p.get(pre + "attn.bqkv"), p[pre + "attn.wo"], p.get(pre + "attn.bo"),
-                c.n_head, c.n_kv_head, rope, None if kv_cache is None else (kv_cache, i),
-            )  # fmt: skip
+            a, caches[pre + "attn"] = self._attention_forward(i, h, rope, kv_cache)
             a, caches[pre + "drop1"] = dropout.dropout_forward(a, c.dropout, self.rng, train)
             x = x + a
+            # x = x + Dropout(MLP(Norm2(x)))
             h, caches[pre + "ln2"] = self._norm_forward(x, pre + "ln2")
-            if c.is_moe_block(i):
-                m, caches[pre + "moe"], st = moe.moe_forward(
-                    c, h, p, self.buffers, pre + "moe.", self.rng, train
-                )
-                st["layer"] = i
-                self.stats["layers"].append(st)
-                aux_total = aux_total + st["aux_loss"]
-                z_total = z_total + st["z_loss"]
-            else:
-                m, caches[pre + "mlp"] = ffn_forward(c, h, p, pre + "mlp.")
+            m, caches[pre + "mlp"] = self._mlp_forward(i, h, train)
             m, caches[pre + "drop2"] = dropout.dropout_forward(m, c.dropout, self.rng, train)
             x = x + m
         x, caches["ln_f"] = self._norm_forward(x, "ln_f")
@@ -259,19 +221,59 @@ class GPT:
         lm_loss, caches["loss"] = loss.cross_entropy_forward(logits, targets)
         total = lm_loss
         if c.n_experts > 0:
+            aux_total = sum((st["aux_loss"] for st in self.stats["layers"]), 0.0)
+            z_total = sum((st["z_loss"] for st in self.stats["layers"]), 0.0)
             total = lm_loss + c.aux_loss_coef * aux_total + c.z_loss_coef * z_total
             self.stats.update(aux_loss=aux_total, z_loss=z_total)
         self.stats["lm_loss"] = lm_loss
-        self._cache = dict(caches)
+        self._cache = caches.done()
         return logits, total
 
+    # ------------------------------------------------------------------ the pieces of a block
+    # Each forward returns (y, cache); its backward takes that cache and writes the piece's
+    # parameter gradients into self.grads.
+    def _attention_forward(self, i, h, rope, kv_cache):
+        """Attention(h) of block i: (B, T, C) -> (B, T, C), cache."""
+        c, p, pre = self.config, self.params, f"blocks.{i}.attn."
+        kv = None if kv_cache is None else (kv_cache, i)
+        w = p[pre + "wqkv"], p.get(pre + "bqkv"), p[pre + "wo"], p.get(pre + "bo")
+        return attention.self_attention_forward(h, *w, c.n_head, c.n_kv_head, rope, kv)
+
+    def _attention_backward(self, i, da, cache):
+        """Backward of `_attention_forward`: -> dh; the block's attention gradients go to self.grads."""
+        pre, g = f"blocks.{i}.attn.", self.grads
+        dh, g[pre + "wqkv"], dbqkv, g[pre + "wo"], dbo = attention.self_attention_backward(da, cache)
+        if dbqkv is not None:
+            g[pre + "bqkv"], g[pre + "bo"] = dbqkv, dbo
+        return dh
+
+    def _mlp_forward(self, i, h, train):
+        """MLP(h) of block i: the dense FFN, or the MoE layer (its routing statistics go to
+        self.stats["layers"]). (B, T, C) -> (B, T, C), cache."""
+        c, pre = self.config, f"blocks.{i}."
+        if not c.is_moe_block(i):
+            return ffn.ffn_forward(c, h, self.params, pre + "mlp.")
+        m, cache, st = moe.moe_forward(c, h, self.params, self.buffers, pre + "moe.", self.rng, train)
+        st["layer"] = i
+        self.stats["layers"].append(st)
+        return m, cache
+
+    def _mlp_backward(self, i, dm, cache):
+        """Backward of `_mlp_forward`: -> dh; the block's MLP gradients go to self.grads."""
+        c, pre = self.config, f"blocks.{i}."
+        if c.is_moe_block(i):
+            return moe.moe_backward(c, dm, cache, pre + "moe.", self.grads)
+        return ffn.ffn_backward(c, dm, cache, pre + "mlp.", self.grads)
+
     def _norm_forward(self, x, name):
+        """Norm(x) with the weights under `name`: LayerNorm or RMSNorm. (..., C) -> (..., C), cache."""
         p = self.params
         if self.config.norm == "layernorm":
             return norm.layernorm_forward(x, p[name + ".w"], p[name + ".b"], self.config.norm_eps)
         return norm.rmsnorm_forward(x, p[name + ".w"], self.config.norm_eps)
 
     def _norm_backward(self, dy, cache, name):
+        """Backward of `_norm_forward`: -> dx; the norm's gradients go to self.grads."""
         if self.config.norm == "layernorm":
             dx, self.grads[name + ".w"], self.grads[name + ".b"] = norm.layernorm_backward(dy, cache)
         else:
@@ -288,7 +290,7 @@ class GPT:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         c, p, caches = self.config, self.params, self._cache
-        g = self.grads = {}
+        g = self.grads = {}  # filled by the helpers below, then put in the order of self.params
 
         dlogits = loss.cross_entropy_backward(1.0, caches["loss"])
         dx, dhead, _ = linear.linear_backward(dlogits, caches["head"])
@@ -300,18 +302,13 @@ class GPT:
 
         for i in reversed(range(c.n_layer)):
             pre = f"blocks.{i}."
+            # x = x + Dropout(MLP(Norm2(x)))
             dm = dropout.dropout_backward(dx, caches[pre + "drop2"])
-            if c.is_moe_block(i):
-                dh = moe.moe_backward(c, dm, caches[pre + "moe"], pre + "moe.", g)
-            else:
-                dh = ffn_backward(c, dm, caches[pre + "mlp"], pre + "mlp.", g)
+            dh = self._mlp_backward(i, dm, caches[pre + "mlp"])
             dx = dx + self._norm_backward(dh, caches[pre + "ln2"], pre + "ln2")
+            # x = x + Dropout(Attention(Norm1(x)))
             da = dropout.dropout_backward(dx, caches[pre + "drop1"])
-            dh, g[pre + "attn.wqkv"], dbqkv, g[pre + "attn.wo"], dbo = attention.self_attention_backward(
-                da, caches[pre + "attn"]
-            )
-            if dbqkv is not None:
-                g[pre + "attn.bqkv"], g[pre + "attn.bo"] = dbqkv, dbo
+            dh = self._attention_backward(i, da, caches[pre + "attn"])
             dx = dx + self._norm_backward(dh, caches[pre + "ln1"], pre + "ln1")
 
         dx = dropout.dropout_backward(dx, caches["drop_emb"])
@@ -330,9 +327,6 @@ class GPT:
     # ------------------------------------------------------------------ MoE upkeep
     def update_router_biases(self):
         """DeepSeek-V3 auxiliary-loss-free balancing: after an optimizer step, nudge each MoE
-        layer's selection bias towards balance (not a gradient step; see moe.update_bias)."""
+        layer's selection bias towards balance (not a gradient step; see layers/moe.update_bias)."""
         for st in self.stats.get("layers", []):
             moe.update_bias(self.config, self.buffers, f"blocks.{st['layer']}.moe.", st)
-
-
-_ = activation  # re-exported ops used by lessons through this module

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from minimoe import backend
-from minimoe.ops.attention import KVCache
+from minimoe.layers.attention import KVCache
 
 
 def sample_next(logits, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:

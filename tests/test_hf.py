@@ -16,7 +16,7 @@ import pytest
 
 from minimoe import GPT, Config, hf
 from minimoe.gradcheck import rel_error
-from minimoe.ops.attention import KVCache
+from minimoe.layers.attention import KVCache
 
 PARITY_TOL = 1e-8
 

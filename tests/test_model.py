@@ -2,12 +2,14 @@
 bitwise determinism, and learning on real text."""
 
 import math
+import weakref
 
 import numpy as np
 import pytest
 from conftest import EPS, GRAD_TOL, rand_ids, tiny_config, tiny_model
 
 from minimoe import GPT, AdamW, Config, backend, count_params, data, get_preset, gradcheck
+from minimoe.model import StepCaches
 from minimoe.tokenizer import CharTokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +197,46 @@ def test_forward_rejects_bad_targets_and_backward_needs_targets():
     model.forward(idx)
     with pytest.raises(RuntimeError, match="targets"):
         model.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: a forward frees the last step's caches piece by piece (model.StepCaches)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_step_caches_drop_the_previous_entry_when_the_same_piece_is_stored():
+    previous = {"a": 1, "b": 2, "c": 3}
+    caches = StepCaches(previous)
+    caches["a"] = 10
+    assert previous == {"b": 2, "c": 3}  # last step's "a" goes as soon as this step's "a" exists
+    caches["b"] = 20
+    assert previous == {"c": 3} and dict(caches) == {"a": 10, "b": 20}
+    done = caches.done()
+    assert type(done) is dict and done == {"a": 10, "b": 20}
+    caches["c"] = 30  # after done() the leftover of the previous step is no longer held
+    assert previous == {"c": 3}
+
+
+def test_a_forward_frees_the_last_steps_activations_as_it_replaces_them(monkeypatch):
+    model = tiny_model("gpt2")
+    rng = np.random.default_rng(0)
+    idx, targets = rand_ids(rng, 11, T=5), rand_ids(rng, 11, T=5)
+    model.forward(idx, targets)
+    model.backward()
+    old = {name: weakref.ref(model._cache[name][0]) for name in ("blocks.0.ln1", "ln_f")}  # xhat arrays
+    seen = []
+    norm_forward = model._norm_forward
+
+    def spy(x, name):
+        seen.append((name, old["blocks.0.ln1"]() is None, old["ln_f"]() is None))
+        return norm_forward(x, name)
+
+    monkeypatch.setattr(model, "_norm_forward", spy)
+    model.forward(idx, targets)
+    assert seen[0] == ("blocks.0.ln1", False, False)  # nothing replaced yet: last step's are alive
+    # when the final norm runs, block 0's old ln1 cache is gone, the old ln_f not yet replaced
+    assert seen[-1] == ("ln_f", True, False)
+    assert old["ln_f"]() is None
 
 
 # ---------------------------------------------------------------------------------------------

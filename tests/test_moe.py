@@ -1,4 +1,4 @@
-"""The Mixture-of-Experts layer: dispatch/combine and experts (ops/experts.py), the layer (moe.py)
+"""The Mixture-of-Experts layer: dispatch/combine and experts (ops/experts.py), the layer (layers/moe.py)
 and whole MoE GPTs: float64 gradient checks, routing semantics, and balancing during training.
 
 Top-k selection and capacity dropping are piecewise constant in the router logits. A
@@ -14,9 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from minimoe import GPT, AdamW, data, get_preset, moe
+from minimoe import GPT, AdamW, data, get_preset
 from minimoe.config import Config
 from minimoe.gradcheck import check_gradients, check_model, check_op
+from minimoe.layers import moe
 from minimoe.ops import experts, router
 from minimoe.ops.activation import sigmoid
 from minimoe.tokenizer import CharTokenizer
@@ -248,6 +249,36 @@ def test_moe_layer_gradients_noisy_router_in_training(router_margin):
     assert max(errors.values()) <= TOL, errors
     assert min(router_margin) > MARGIN
     assert np.abs(grads["moe.router.w_noise"]).max() > 1e-3  # the noise scale is being learned
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_noisy_router_honours_renormalize_false(training, router_margin):
+    # renormalize=False: the gates are the chosen experts' probabilities under the full softmax of
+    # the (noisy) logits, so with K < E they sum to less than 1; their gradient is a different
+    # function from the renormalised one, and must pass the check too
+    c = _layer_config(router="noisy", renormalize=False, n_shared_experts=1)
+    errors, grads, stats = _layer_gradcheck(c, seed=13, training=training)
+    assert max(errors.values()) <= TOL, errors
+    assert min(router_margin) > MARGIN
+    assert stats["gates"].sum(axis=-1).max() < 1.0 - 1e-3
+
+
+def test_noisy_router_gates_without_renormalisation_are_the_softmax_probabilities():
+    h = np.random.default_rng(0).standard_normal((2, 4, 6))
+    gates = {}
+    for renorm in (True, False):
+        c = _layer_config(router="noisy", renormalize=renorm)  # n_embd = 6
+        p = moe.init_params(c, "moe.", np.random.default_rng(1), 0.5, 0.5)
+        _, _, st = moe.moe_forward(c, h, p, {}, "moe.", None, False)  # evaluation: no noise
+        logits = h.reshape(-1, c.n_embd) @ p["moe.router.w"]
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        chosen = np.take_along_axis(probs, st["expert_idx"], axis=-1)
+        gates[renorm] = st["gates"]
+        expected = chosen / chosen.sum(axis=-1, keepdims=True) if renorm else chosen
+        np.testing.assert_allclose(st["gates"], expected, rtol=1e-12)
+    np.testing.assert_allclose(gates[True].sum(axis=-1), 1.0, rtol=1e-12)
+    assert gates[False].sum(axis=-1).max() < 1.0 - 1e-3
 
 
 def test_token_with_every_slot_dropped_gets_zero_from_the_layer():

@@ -1,6 +1,6 @@
 """The gradient checks can fail: a deliberately wrong backward is caught.
 
-For every op case of test_ops.py we break one returned gradient at a time (scale it by 1.01, or
+For every op case of test_ops.py and layer case of test_layers.py we break one returned gradient at a time (scale it by 1.01, or
 flip the sign of one element) and for many ops we also drop or change one term of the
 derivation (the mistakes people make). The same `check_op` must then report a max rel error
 above BROKEN_TOL (1e-3), three orders of magnitude above what a correct backward gets.
@@ -12,10 +12,19 @@ import math
 import numpy as np
 import pytest
 from conftest import BROKEN_TOL, EPS, GRAD_TOL, tiny_model
-from test_ops import OP_CASES, build_case
+from test_layers import LAYER_CASES
+from test_ops import OP_CASES
 
 from minimoe import gradcheck
+from minimoe.layers import attention as attention_layer
 from minimoe.ops import activation, attention, dropout, embedding, ffn, linear, loss, norm
+
+CASES = {**OP_CASES, **LAYER_CASES}
+
+
+def build_case(name, seed=0):
+    fwd, bwd, inputs, wrt = CASES[name](np.random.default_rng(seed))
+    return fwd, bwd, inputs, list(range(len(inputs))) if wrt is None else wrt
 
 
 def _break(bwd, position, how):
@@ -38,7 +47,7 @@ def _break(bwd, position, how):
 
 
 def _all_breaks():
-    for name in OP_CASES:
+    for name in CASES:
         _, _, _, wrt = build_case(name)
         for position in range(len(wrt)):
             for how in ("scale", "flip"):
@@ -246,7 +255,7 @@ MODEL_MUTATIONS = [
     ("gpt2", linear, "linear_backward"),  # the model's output head
     ("gpt2", ffn, "gelu_mlp_backward"),
     ("llama", ffn, "swiglu_mlp_backward"),
-    ("gpt2", attention, "self_attention_backward"),
+    ("gpt2", attention_layer, "self_attention_backward"),
     ("llama", attention, "causal_attention_backward"),
     ("llama", attention, "rope_backward"),
     ("gpt2", dropout, "dropout_backward"),  # identity in eval mode: scaling dy must still show

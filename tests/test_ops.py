@@ -108,34 +108,6 @@ def _attention(H, Hkv, Tq, Tk):
     return build
 
 
-def _self_attention(H, Hkv, bias, use_rope):
-    C, D, T = 8, 8 // H, 5
-
-    def build(rng):
-        rope = attention.rope_tables(T, D, xp=np, dtype="float64") if use_rope else None
-        x, wqkv, wo = (
-            rand(rng, 2, T, C),
-            rand(rng, C, (H + 2 * Hkv) * D, scale=0.5),
-            rand(rng, H * D, C, scale=0.5),
-        )
-        if bias:
-            bqkv, bo = rand(rng, (H + 2 * Hkv) * D), rand(rng, C)
-            fwd = lambda x, wqkv, bqkv, wo, bo: attention.self_attention_forward(
-                x, wqkv, bqkv, wo, bo, H, Hkv, rope
-            )
-            return fwd, attention.self_attention_backward, [x, wqkv, bqkv, wo, bo], None
-        fwd = lambda x, wqkv, wo: attention.self_attention_forward(x, wqkv, None, wo, None, H, Hkv, rope)
-
-        def bwd(dy, cache):
-            dx, dwqkv, dbqkv, dwo, dbo = attention.self_attention_backward(dy, cache)
-            assert dbqkv is None and dbo is None
-            return dx, dwqkv, dwo
-
-        return fwd, bwd, [x, wqkv, wo], None
-
-    return build
-
-
 def _gelu_mlp(approximate, bias):
     def build(rng):
         x, w1, w2 = rand(rng, 2, 3, 4), rand(rng, 4, 6), rand(rng, 6, 4)
@@ -182,12 +154,6 @@ OP_CASES = {
     "attention_mha_kvcache": _attention(4, 4, 3, 7),
     "attention_gqa_kvcache": _attention(4, 2, 3, 7),
     "attention_mqa_kvcache": _attention(4, 1, 1, 6),
-    "self_attention_bias": _self_attention(4, 4, True, False),
-    "self_attention_nobias": _self_attention(4, 4, False, False),
-    "self_attention_rope_nobias": _self_attention(4, 4, False, True),
-    "self_attention_rope_bias": _self_attention(2, 2, True, True),
-    "self_attention_gqa_rope": _self_attention(4, 2, False, True),
-    "self_attention_mqa_bias": _self_attention(4, 1, True, False),
     "gelu_mlp_bias": _gelu_mlp("tanh", True),
     "gelu_mlp_exact_nobias": _gelu_mlp("none", False),
     "swiglu_mlp": _swiglu_mlp,
@@ -213,7 +179,7 @@ def test_every_public_op_pair_has_a_case():
 
     covered = set(
         """linear embedding layernorm rmsnorm gelu silu swiglu softmax cross_entropy dropout rope
-        causal_attention self_attention gelu_mlp swiglu_mlp""".split()
+        causal_attention gelu_mlp swiglu_mlp""".split()
     )
     exported = {n[: -len("_backward")] for n in dir(ops) if n.endswith("_backward")}
     assert exported <= covered, f"ops without a gradient-check case: {exported - covered}"
@@ -454,43 +420,6 @@ def test_attention_is_causal(rng, Hkv):
         y2, _ = attention.causal_attention_forward(q2, k2, v2)
         np.testing.assert_allclose(y2[:, :, : t + 1], y[:, :, : t + 1], rtol=0, atol=1e-13)
         assert not np.allclose(y2[:, :, t + 1 :], y[:, :, t + 1 :])
-
-
-@pytest.mark.parametrize("use_rope", [False, True])
-def test_self_attention_is_causal(rng, use_rope):
-    B, T, C, H, Hkv = 2, 6, 8, 4, 2
-    D = C // H
-    rope = attention.rope_tables(T, D, xp=np, dtype="float64") if use_rope else None
-    x, wqkv, wo = rand(rng, B, T, C), rand(rng, C, (H + 2 * Hkv) * D), rand(rng, H * D, C)
-    y, _ = attention.self_attention_forward(x, wqkv, None, wo, None, H, Hkv, rope)
-    for t in range(T - 1):
-        x2 = x.copy()
-        x2[:, t + 1 :] = rand(rng, B, T - t - 1, C)
-        y2, _ = attention.self_attention_forward(x2, wqkv, None, wo, None, H, Hkv, rope)
-        np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-13)
-        assert not np.allclose(y2[:, t + 1 :], y[:, t + 1 :])
-
-
-@pytest.mark.parametrize("Hkv", [4, 2, 1])
-def test_self_attention_kv_cache_equals_full_recomputation(rng, Hkv):
-    B, T, C, H = 2, 7, 8, 4
-    D = C // H
-    cos, sin = attention.rope_tables(T, D, xp=np, dtype="float64")
-    x, wqkv, wo = rand(rng, B, T, C), rand(rng, C, (H + 2 * Hkv) * D), rand(rng, H * D, C)
-    bqkv, bo = rand(rng, (H + 2 * Hkv) * D), rand(rng, C)
-    full, _ = attention.self_attention_forward(x, wqkv, bqkv, wo, bo, H, Hkv, (cos, sin))
-    cache = attention.KVCache(1, B, Hkv, T, D, xp=np, dtype="float64")
-    parts = []
-    for lo, hi in ((0, 3), (3, 4), (4, 7)):  # a prompt, then one token, then a chunk
-        rope = (cos[lo:hi], sin[lo:hi])
-        y, _ = attention.self_attention_forward(x[:, lo:hi], wqkv, bqkv, wo, bo, H, Hkv, rope, kv=(cache, 0))
-        cache.pos += hi - lo
-        parts.append(y)
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-13)
-    with pytest.raises(ValueError, match="KV cache"):
-        attention.self_attention_forward(
-            x[:, :1], wqkv, bqkv, wo, bo, H, Hkv, (cos[:1], sin[:1]), kv=(cache, 0)
-        )
 
 
 # ---------------------------------------------------------------------------------------------

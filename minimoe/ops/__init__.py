@@ -16,14 +16,11 @@ from minimoe.ops.activation import (  # noqa: F401
     swiglu_forward,
 )
 from minimoe.ops.attention import (  # noqa: F401
-    KVCache,
     causal_attention_backward,
     causal_attention_forward,
     rope_backward,
     rope_forward,
     rope_tables,
-    self_attention_backward,
-    self_attention_forward,
 )
 from minimoe.ops.dropout import dropout_backward, dropout_forward  # noqa: F401
 from minimoe.ops.embedding import embedding_backward, embedding_forward  # noqa: F401

@@ -9,7 +9,6 @@ import functools
 import math
 
 from minimoe import backend
-from minimoe.ops.linear import linear_backward, linear_forward
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (Su et al. 2021, RoFormer), "rotate halves" layout (GPT-NeoX/Llama):
@@ -141,83 +140,3 @@ def causal_attention_backward(dy, cache):
     dq *= scale
     dk *= scale
     return dq.reshape(B, H, Tq, D), dk, dv
-
-
-# ---------------------------------------------------------------------------------------------
-# The whole layer: x -> qkv projection -> [RoPE] -> attention -> output projection
-# ---------------------------------------------------------------------------------------------
-
-
-class KVCache:
-    """Keys and values of the tokens generated so far, per layer: (B, Hkv, T_max, D) each.
-
-    `pos` is how many positions are filled. Only for generation (no backward through it).
-    """
-
-    def __init__(self, n_layer, B, n_kv_head, T_max, D, xp=None, dtype="float32"):
-        xp = xp or backend.get_xp()
-        self.k = [xp.zeros((B, n_kv_head, T_max, D), dtype=dtype) for _ in range(n_layer)]
-        self.v = [xp.zeros((B, n_kv_head, T_max, D), dtype=dtype) for _ in range(n_layer)]
-        self.T_max = T_max
-        self.pos = 0
-
-
-def self_attention_forward(x, wqkv, bqkv, wo, bo, n_head, n_kv_head, rope=None, kv=None):
-    """x (B, T, C) -> y (B, T, C). Causal multi-head self-attention with grouped-query heads.
-
-    wqkv (C, (H + 2 Hkv) D) holds the query, key and value projections side by side [q | k | v];
-    bqkv ((H + 2 Hkv) D,) or None; wo (H D, C); bo (C,) or None.
-    rope: None, or (cos, sin) tables (T, D/2) for these T positions.
-    kv: None, or (KVCache, layer) to append this call's keys/values and attend over all cached
-        positions (generation; the backward is not available then).
-    """
-    xp = backend.xp_of(x)
-    B, T, C = x.shape
-    H, Hkv = n_head, n_kv_head
-    D = wo.shape[0] // H
-    qkv, qkv_cache = linear_forward(x, wqkv, bqkv)  # (B, T, (H + 2Hkv) D)
-    # move heads forward, (B, T, n, D) -> (B, n, T, D), n = H + 2 Hkv, copying into contiguous
-    # arrays: the batched matmuls (and RoPE) run much faster on contiguous (T, D) matrices than on
-    # strided views. q and k share one array, v gets its own (so it can outlive q and k).
-    heads = qkv.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)
-    qk = xp.ascontiguousarray(heads[:, : H + Hkv])
-    q, k, v = qk[:, :H], qk[:, H:], xp.ascontiguousarray(heads[:, H + Hkv :])
-    q_rope = k_rope = None
-    if rope is not None:
-        q, q_rope = rope_forward(q, *rope)
-        k, k_rope = rope_forward(k, *rope)
-    if kv is not None:
-        cache_obj, layer = kv
-        p0 = cache_obj.pos
-        if p0 + T > cache_obj.T_max:
-            raise ValueError(f"KV cache holds {cache_obj.T_max} positions; cannot add {T} at position {p0}")
-        cache_obj.k[layer][:, :, p0 : p0 + T] = k
-        cache_obj.v[layer][:, :, p0 : p0 + T] = v
-        k = cache_obj.k[layer][:, :, : p0 + T]
-        v = cache_obj.v[layer][:, :, : p0 + T]
-    a, att_cache = causal_attention_forward(q, k, v)  # (B, H, T, D)
-    a = a.transpose(0, 2, 1, 3).reshape(B, T, H * D)
-    y, out_cache = linear_forward(a, wo, bo)
-    return y, (qkv_cache, q_rope, k_rope, att_cache, out_cache, (B, T, H, Hkv, D))
-
-
-def self_attention_backward(dy, cache):
-    """dy (B, T, C) -> dx (B, T, C), dwqkv, dbqkv (or None), dwo, dbo (or None)."""
-    xp = backend.xp_of(dy)
-    qkv_cache, q_rope, k_rope, att_cache, out_cache, (B, T, H, Hkv, D) = cache
-    da, dwo, dbo = linear_backward(dy, out_cache)
-    da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-    dq, dk, dv = causal_attention_backward(da, att_cache)
-    if q_rope is not None:
-        dq = rope_backward(dq, q_rope)
-        dk = rope_backward(dk, k_rope)
-    # write dq, dk, dv straight into wqkv's output layout (B, T, [dq | dk | dv]), seen as
-    # (B, n, T, D) through a transposed view: one strided copy each, no concatenate
-    dqkv = xp.empty((B, T, H + 2 * Hkv, D), dtype=dy.dtype)
-    dheads = dqkv.transpose(0, 2, 1, 3)
-    dheads[:, :H] = dq
-    dheads[:, H : H + Hkv] = dk
-    dheads[:, H + Hkv :] = dv
-    dqkv = dqkv.reshape(B, T, (H + 2 * Hkv) * D)
-    dx, dwqkv, dbqkv = linear_backward(dqkv, qkv_cache)
-    return dx, dwqkv, dbqkv, dwo, dbo

@@ -3,6 +3,7 @@
     h (B, T, C) -> (N, C), N = B*T
     logits = h W_router                                  (N, E)
     gates, idx = router(logits)                          (N, K) each, see ops/router.py
+                                                         (Config.router, .renormalize, .top_k)
     y = sum_k gates[:, k] * Expert_idx[:, k](h)          by sorting slots, see ops/experts.py
       + SharedFFN(h)                                     DeepSeekMoE's always-on experts, if any
 and per layer the Switch balancing loss and the ST-MoE z-loss (ops/balance.py), whose weighted
@@ -18,16 +19,18 @@ Buffers (not trained): router_bias (E,) for the DeepSeek-V3 sigmoid router.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import numpy
 
 from minimoe import backend
+from minimoe.config import Config
+from minimoe.layers.ffn import ffn_backward, ffn_forward, init_ffn_params
 from minimoe.ops import balance, experts, linear, router
 
 
-def init_params(c, pre, rng, std, std_out) -> dict:
+def init_params(c: Config, pre: str, rng, std: float, std_out: float) -> dict:
     """Host float64 initial weights of one MoE layer (see module docstring for names)."""
-    from minimoe.model import init_ffn_params  # shared with the dense MLP
-
     C, E, F = c.n_embd, c.n_experts, c.expert_hidden
     p = {pre + "router.w": rng.standard_normal((C, E)) * c.router_init_std}
     if c.router == "noisy":
@@ -37,16 +40,11 @@ def init_params(c, pre, rng, std, std_out) -> dict:
         p[pre + "experts.w3"] = rng.standard_normal((E, C, F)) * std
     p[pre + "experts.w2"] = rng.standard_normal((E, F, C)) * std_out
     if c.n_shared_experts:
-        S = c.n_shared_experts * c.shared_hidden
-        p.update(
-            init_ffn_params(
-                c, pre + "shared.", C, S, lambda shape, s: rng.standard_normal(shape) * s, std, std_out
-            )
-        )
+        p.update(init_ffn_params(c, pre + "shared.", c.n_shared_experts * c.shared_hidden, rng, std, std_out))
     return p
 
 
-def init_buffers(c) -> dict:
+def init_buffers(c: Config) -> dict:
     """Non-trained state: the DeepSeek-V3 selection bias of each MoE layer, zero at the start."""
     if c.n_experts == 0 or c.router != "sigmoid_bias":
         return {}
@@ -55,10 +53,25 @@ def init_buffers(c) -> dict:
     }
 
 
-def moe_forward(c, h, p, buffers, pre, rng, training):
-    """h (B, T, C) -> y (B, T, C), cache, stats (dict of per-layer routing statistics)."""
-    from minimoe.model import ffn_forward
+class MoECache(NamedTuple):
+    """What `moe_backward` needs from its forward: each op's cache, by the step that made it."""
 
+    router: tuple  # linear cache of the router logits x W_router
+    noise_proj: Optional[tuple]  # linear cache of x W_noise (noisy router), else None
+    noise: Optional[tuple]  # noisy-logits cache (noisy router in training), else None
+    gate: tuple  # top-k router cache (softmax or sigmoid-bias)
+    probs: tuple  # full router distribution, for the balancing loss
+    aux: tuple  # load-balancing loss
+    z: tuple  # router z-loss
+    dispatch: tuple
+    experts: tuple
+    combine: tuple
+    shared: Optional[tuple]  # shared experts' FFN cache, or None without shared experts
+    shape: tuple  # (B, T, C) of the input
+
+
+def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: bool):
+    """h (B, T, C) -> y (B, T, C), cache, stats (dict of per-layer routing statistics)."""
     xp = backend.xp_of(h)
     B, T, C = h.shape
     N, E, K = B * T, c.n_experts, c.top_k
@@ -74,12 +87,13 @@ def moe_forward(c, h, p, buffers, pre, rng, training):
     else:
         sel_logits = logits
 
-    # 2. gates and chosen experts (N, K)
+    # 2. gates and chosen experts (N, K). The softmax routers (plain and noisy) renormalise over
+    # the K chosen (Mixtral; Shazeer's softmax(KeepTopK(H))) or not (Switch, OLMoE) as
+    # c.renormalize says.
     if c.router == "sigmoid_bias":
         gates, idx, c_gate = router.sigmoid_bias_topk_forward(sel_logits, buffers[pre + "router_bias"], K)
     else:
-        renorm = True if c.router == "noisy" else c.renormalize
-        gates, idx, c_gate = router.softmax_topk_forward(sel_logits, K, renorm)
+        gates, idx, c_gate = router.softmax_topk_forward(sel_logits, K, c.renormalize)
 
     # 3. balancing losses on the full distribution, per layer
     probs, c_probs = router.router_probs_forward(sel_logits, c.router)
@@ -109,63 +123,62 @@ def moe_forward(c, h, p, buffers, pre, rng, training):
         "expert_idx": idx,  # (N, K), for routing analysis
         "gates": gates,  # (N, K), the weights of those experts
     }
-    cache = (
-        c_router,
-        c_wnoise,
-        c_noise,
-        c_gate,
-        c_probs,
-        c_aux,
-        c_z,
-        c_disp,
-        c_exp,
-        c_comb,
-        c_shared,
-        (B, T, C),
+    cache = MoECache(
+        router=c_router,
+        noise_proj=c_wnoise,
+        noise=c_noise,
+        gate=c_gate,
+        probs=c_probs,
+        aux=c_aux,
+        z=c_z,
+        dispatch=c_disp,
+        experts=c_exp,
+        combine=c_comb,
+        shared=c_shared,
+        shape=(B, T, C),
     )
     return y.reshape(B, T, C), cache, stats
 
 
-def moe_backward(c, dy, cache, pre, grads):
+def moe_backward(c: Config, dy, cache: MoECache, pre: str, grads: dict):
     """dy (B, T, C) -> dh (B, T, C); writes this layer's parameter gradients into grads.
 
     The router logits collect three gradients: from the gates (through combine), from the
     balancing loss (through P) and from the z-loss, each scaled by its coefficient.
     """
-    from minimoe.model import ffn_backward
-
-    (c_router, c_wnoise, c_noise, c_gate, c_probs, c_aux, c_z, c_disp, c_exp, c_comb, c_shared, (B, T, C)) = (
-        cache
-    )
+    B, T, C = cache.shape
     dy = dy.reshape(-1, C)
 
-    dx = ffn_backward(c, dy, c_shared, pre + "shared.", grads) if c_shared is not None else None
-    dy_sorted, dgates = experts.combine_backward(dy, c_comb)
-    dx_sorted, dw = experts.experts_backward(dy_sorted, c_exp)
+    # 5. shared experts, then 4. combine -> experts -> dispatch
+    dx = ffn_backward(c, dy, cache.shared, pre + "shared.", grads) if cache.shared is not None else None
+    dy_sorted, dgates = experts.combine_backward(dy, cache.combine)
+    dx_sorted, dw = experts.experts_backward(dy_sorted, cache.experts)
     for k, v in dw.items():
         grads[pre + "experts." + k] = v
-    dx_disp = experts.dispatch_backward(dx_sorted, c_disp)
+    dx_disp = experts.dispatch_backward(dx_sorted, cache.dispatch)
     dx = dx_disp if dx is None else dx + dx_disp
 
+    # 2. and 3. the selection logits: gates, balancing loss, z-loss
     if c.router == "sigmoid_bias":
-        dsel = router.sigmoid_bias_topk_backward(dgates, c_gate)
+        dsel = router.sigmoid_bias_topk_backward(dgates, cache.gate)
     else:
-        dsel = router.softmax_topk_backward(dgates, c_gate)
-    dprobs = balance.load_balancing_loss_backward(c.aux_loss_coef, c_aux)
-    dsel += router.router_probs_backward(dprobs, c_probs, c.router)
-    dsel += balance.z_loss_backward(c.z_loss_coef, c_z)
+        dsel = router.softmax_topk_backward(dgates, cache.gate)
+    dprobs = balance.load_balancing_loss_backward(c.aux_loss_coef, cache.aux)
+    dsel += router.router_probs_backward(dprobs, cache.probs, c.router)
+    dsel += balance.z_loss_backward(c.z_loss_coef, cache.z)
 
-    dlogits, dnoise_logits = router.noisy_logits_backward(dsel, c_noise)
-    if c_wnoise is not None:
+    # 1. router logits (and the noise projection of the noisy router)
+    dlogits, dnoise_logits = router.noisy_logits_backward(dsel, cache.noise)
+    if cache.noise_proj is not None:
         if dnoise_logits is None:  # evaluation-mode forward: the noise branch was unused
             dnoise_logits = dlogits * 0
-        dxn, grads[pre + "router.w_noise"], _ = linear.linear_backward(dnoise_logits, c_wnoise)
+        dxn, grads[pre + "router.w_noise"], _ = linear.linear_backward(dnoise_logits, cache.noise_proj)
         dx = dx + dxn
-    dxr, grads[pre + "router.w"], _ = linear.linear_backward(dlogits, c_router)
+    dxr, grads[pre + "router.w"], _ = linear.linear_backward(dlogits, cache.router)
     return (dx + dxr).reshape(B, T, C)
 
 
-def update_bias(c, buffers, pre, stats):
+def update_bias(c: Config, buffers: dict, pre: str, stats: dict):
     """DeepSeek-V3 auxiliary-loss-free balancing (DeepSeek-AI 2024, sec. 2.1.2): after each
     step, b_e -= gamma if expert e was overloaded (more than the mean N*K/E assignments) and
     b_e += gamma if underloaded. A plain update, outside the optimizer and its gradients."""

@@ -1,0 +1,110 @@
+"""The attention block: x -> qkv projection -> [RoPE] -> causal attention -> output projection.
+
+    q, k, v = split(x Wqkv + bqkv)          (B, T, C) -> (B, H, T, D), (B, Hkv, T, D) twice
+    q, k    = RoPE(q), RoPE(k)              when the model uses rotary positions
+    a       = softmax(q k^T / sqrt(D) + causal mask) v       (B, H, T, D)
+    y       = merge_heads(a) Wo + bo        (B, T, H D) -> (B, T, C)
+
+Legend: B batch, T time, C channels, H query heads, Hkv key/value heads, D head size.
+Hkv = H is multi-head attention, 1 < Hkv < H grouped-query (GQA), Hkv = 1 multi-query (MQA).
+RoPE and the attention core are ops (ops/attention.py); this layer adds the projections, the
+head layout and, for generation, the key/value cache.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from minimoe import backend
+from minimoe.ops import attention as ops_attention
+from minimoe.ops import linear
+
+
+class KVCache:
+    """Keys and values of the tokens generated so far, per layer: (B, Hkv, T_max, D) each.
+
+    `pos` is how many positions are filled. Only for generation (no backward through it).
+    """
+
+    def __init__(self, n_layer, B, n_kv_head, T_max, D, xp=None, dtype="float32"):
+        xp = xp or backend.get_xp()
+        self.k = [xp.zeros((B, n_kv_head, T_max, D), dtype=dtype) for _ in range(n_layer)]
+        self.v = [xp.zeros((B, n_kv_head, T_max, D), dtype=dtype) for _ in range(n_layer)]
+        self.T_max = T_max
+        self.pos = 0
+
+
+class SelfAttentionCache(NamedTuple):
+    """What `self_attention_backward` needs from its forward."""
+
+    qkv: tuple  # linear cache of the qkv projection
+    q_rope: Optional[tuple]  # RoPE caches of q and k (None without RoPE)
+    k_rope: Optional[tuple]
+    core: tuple  # cache of the attention core
+    out: tuple  # linear cache of the output projection
+    B: int
+    T: int
+    H: int
+    Hkv: int
+    D: int
+
+
+def self_attention_forward(x, wqkv, bqkv, wo, bo, n_head, n_kv_head, rope=None, kv=None):
+    """x (B, T, C) -> y (B, T, C), cache. Causal multi-head self-attention with grouped-query heads.
+
+    wqkv (C, (H + 2 Hkv) D) holds the query, key and value projections side by side [q | k | v];
+    bqkv ((H + 2 Hkv) D,) or None; wo (H D, C); bo (C,) or None.
+    rope: None, or (cos, sin) tables (T, D/2) for these T positions.
+    kv: None, or (KVCache, layer) to append this call's keys/values and attend over all cached
+        positions (generation; the backward is not available then).
+    """
+    xp = backend.xp_of(x)
+    B, T, C = x.shape
+    H, Hkv = n_head, n_kv_head
+    D = wo.shape[0] // H
+    qkv, qkv_cache = linear.linear_forward(x, wqkv, bqkv)  # (B, T, (H + 2Hkv) D)
+    # move heads forward, (B, T, n, D) -> (B, n, T, D), n = H + 2 Hkv, copying into contiguous
+    # arrays: the batched matmuls (and RoPE) run much faster on contiguous (T, D) matrices than on
+    # strided views. q and k share one array, v gets its own (so it can outlive q and k).
+    heads = qkv.reshape(B, T, H + 2 * Hkv, D).transpose(0, 2, 1, 3)
+    qk = xp.ascontiguousarray(heads[:, : H + Hkv])
+    q, k, v = qk[:, :H], qk[:, H:], xp.ascontiguousarray(heads[:, H + Hkv :])
+    q_rope = k_rope = None
+    if rope is not None:
+        q, q_rope = ops_attention.rope_forward(q, *rope)
+        k, k_rope = ops_attention.rope_forward(k, *rope)
+    if kv is not None:
+        cache_obj, layer = kv
+        p0 = cache_obj.pos
+        if p0 + T > cache_obj.T_max:
+            raise ValueError(f"KV cache holds {cache_obj.T_max} positions; cannot add {T} at position {p0}")
+        cache_obj.k[layer][:, :, p0 : p0 + T] = k
+        cache_obj.v[layer][:, :, p0 : p0 + T] = v
+        k = cache_obj.k[layer][:, :, : p0 + T]
+        v = cache_obj.v[layer][:, :, : p0 + T]
+    a, core_cache = ops_attention.causal_attention_forward(q, k, v)  # (B, H, T, D)
+    a = a.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    y, out_cache = linear.linear_forward(a, wo, bo)
+    return y, SelfAttentionCache(qkv_cache, q_rope, k_rope, core_cache, out_cache, B, T, H, Hkv, D)
+
+
+def self_attention_backward(dy, cache: SelfAttentionCache):
+    """dy (B, T, C) -> dx (B, T, C), dwqkv, dbqkv (or None), dwo, dbo (or None)."""
+    xp = backend.xp_of(dy)
+    B, T, H, Hkv, D = cache.B, cache.T, cache.H, cache.Hkv, cache.D
+    da, dwo, dbo = linear.linear_backward(dy, cache.out)
+    da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    dq, dk, dv = ops_attention.causal_attention_backward(da, cache.core)
+    if cache.q_rope is not None:
+        dq = ops_attention.rope_backward(dq, cache.q_rope)
+        dk = ops_attention.rope_backward(dk, cache.k_rope)
+    # write dq, dk, dv straight into wqkv's output layout (B, T, [dq | dk | dv]), seen as
+    # (B, n, T, D) through a transposed view: one strided copy each, no concatenate
+    dqkv = xp.empty((B, T, H + 2 * Hkv, D), dtype=dy.dtype)
+    dheads = dqkv.transpose(0, 2, 1, 3)
+    dheads[:, :H] = dq
+    dheads[:, H : H + Hkv] = dk
+    dheads[:, H + Hkv :] = dv
+    dqkv = dqkv.reshape(B, T, (H + 2 * Hkv) * D)
+    dx, dwqkv, dbqkv = linear.linear_backward(dqkv, cache.qkv)
+    return dx, dwqkv, dbqkv, dwo, dbo

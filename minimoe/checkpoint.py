@@ -31,6 +31,8 @@ import numpy as np
 from minimoe import backend
 from minimoe.config import Config
 from minimoe.errors import CheckpointError
+from minimoe.model import GPT
+from minimoe.tokenizer import tokenizer_from_dict
 
 FORMAT = "minimoe-checkpoint-1"
 FILENAME = "ckpt.npz"
@@ -206,12 +208,10 @@ def _check_arrays(where, kind, got: dict, want: dict):
 
 def build_model(ckpt: Checkpoint, dtype: str | None = None):
     """A GPT with the checkpoint's config, parameters and buffers (on the current backend)."""
-    from minimoe.model import GPT
-
     where = f"checkpoint {str(ckpt.path)!r}"
     if dtype is None:
         first = next(iter(ckpt.params.values()), None)
-        dtype = first.dtype.name if first is not None and first.dtype.name in ("float32", "float64") else None
+        dtype = first.dtype.name if first is not None and first.dtype.name in backend.DTYPES else None
     try:
         model = GPT(ckpt.config, seed=int(ckpt.train_state.get("seed", 0)), dtype=dtype)
     except ValueError as e:
@@ -237,8 +237,6 @@ def load_optimizer_state(ckpt: Checkpoint, optimizer, model):
 
 def load_tokenizer(ckpt: Checkpoint):
     """The checkpoint's tokenizer object, or a CheckpointError when it has none."""
-    from minimoe.tokenizer import tokenizer_from_dict
-
     if not ckpt.tokenizer:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds no tokenizer")
     try:

@@ -7,30 +7,34 @@
     minimoe routes --ckpt OUT --text TEXT     which experts each token goes to, per MoE layer
     minimoe bench  ...                        benchmarks (minimoe.bench)
 
-A user mistake ends the command with exit status 2 and one line on stderr starting "error: ";
-Ctrl-C ends it with status 130 (training first saves a checkpoint).
+A user mistake (a minimoe.errors.UserError, or an OSError on a file) ends the command with exit
+status 2 and one line on stderr starting "error: "; anything else is a bug and keeps its
+traceback. Ctrl-C ends it with status 130 (training first saves a checkpoint). The parsers only
+convert types; minimoe.options judges the values.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
-from minimoe import backend
-from minimoe.checkpoint import CheckpointError
-from minimoe.data import DataError
-from minimoe.presets import PRESETS, count_params, get_preset
-from minimoe.train import TrainOptions
+from minimoe import analysis, backend, hf, info
+from minimoe.checkpoint import load_checkpoint, load_model
+from minimoe.errors import UserError
+from minimoe.options import DEFAULTS, DEVICES, FIELDS, TOKENIZERS, TrainOptions, check_int, check_number
+from minimoe.presets import PRESETS, get_preset, toy_presets
+from minimoe.sample import StreamDecoder, default_prompt_ids, generate
+from minimoe.train import train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user error found by the command line itself (bad flag, missing file, ...)."""
 
 
@@ -41,6 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_at_least(lo):
+    """An argparse type for an integer >= lo. Kept only for minimoe.bench, which still imports it
+    (and so imports the CLI); the command line itself converts types only and lets
+    minimoe.options judge the values. Delete it once bench no longer uses it."""
+
     def parse(s):
         try:
             v = int(s)
@@ -53,96 +61,53 @@ def _int_at_least(lo):
     return parse
 
 
-def _float_at_least(lo, strict=False):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if not (v > lo if strict else v >= lo) or v != v:
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {lo}, got {s!r}")
-        return v
-
-    return parse
-
-
-POS_INT, NONNEG_INT = _int_at_least(1), _int_at_least(0)
-POS_FLOAT, NONNEG_FLOAT = _float_at_least(0.0, strict=True), _float_at_least(0.0)
-
-
-def _default(name):
-    v = getattr(TrainOptions(), name)
-    return "the preset's" if v is None else v
-
-
+# The parsers convert types only (int, float, a fixed set of words); minimoe.options judges the
+# values (`minimoe train` in check_options and Config.validate, the other commands below).
 def _add_train_args(p):
-    d = _default
+    def d(name):
+        v = getattr(DEFAULTS, name)
+        return "the preset's" if v is None else v
+
     a = p.add_argument
-    toys = ", ".join(k for k, v in PRESETS.items() if not v.get("counted_only"))
-    a("--preset", metavar="NAME", help=f"model preset: {toys} (default {d('preset')})")
+    a("--preset", metavar="NAME", help=f"model preset: {', '.join(toy_presets())} (default {d('preset')})")
     a(
         "--data",
         metavar="SPEC",
         help="builtin (Python's own docs, default) | synthetic | tinyshakespeare "
         "(downloaded once) | PATH of a UTF-8 text file",
     )
-    a("--tokenizer", choices=["char", "bpe"], help=f"(default {d('tokenizer')})")
-    a(
-        "--vocab-size",
-        type=_int_at_least(256),
-        metavar="N",
-        help=f"BPE vocabulary size (default {d('vocab_size')})",
-    )
+    a("--tokenizer", choices=TOKENIZERS, help=f"(default {d('tokenizer')})")
+    a("--vocab-size", type=int, metavar="N", help=f"BPE vocabulary size, >= 256 (default {d('vocab_size')})")
     a("--out", metavar="DIR", help=f"run directory for ckpt.npz and metrics.jsonl (default {d('out')})")
-    a("--max-iters", type=POS_INT, metavar="N", help=f"optimizer steps (default {d('max_iters')})")
-    a("--batch-size", type=POS_INT, metavar="B", help=f"(default {d('batch_size')})")
-    a("--block-size", type=POS_INT, metavar="T", help="context length (default: the preset's)")
-    a("--n-layer", type=POS_INT, metavar="N", help="(default: the preset's)")
-    a("--n-head", type=POS_INT, metavar="N", help="(default: the preset's)")
-    a("--n-embd", type=POS_INT, metavar="C", help="(default: the preset's)")
-    a(
-        "--n-experts",
-        type=NONNEG_INT,
-        metavar="E",
-        help="routed experts per MoE layer, 0 = dense (default: the preset's)",
-    )
-    a("--top-k", type=POS_INT, metavar="K", help="experts per token (default: the preset's)")
-    a("--dropout", type=NONNEG_FLOAT, metavar="P", help="dropout probability (default: the preset's, 0)")
-    a("--lr", type=POS_FLOAT, help=f"peak learning rate (default {d('lr')})")
-    a("--min-lr", type=NONNEG_FLOAT, help="final learning rate of the cosine (default lr/10)")
-    a("--warmup-iters", type=NONNEG_INT, metavar="N", help=f"(default {d('warmup_iters')})")
-    a(
-        "--weight-decay",
-        type=NONNEG_FLOAT,
-        metavar="WD",
-        help=f"AdamW decoupled decay (default {d('weight_decay')})",
-    )
-    a(
-        "--grad-clip",
-        type=NONNEG_FLOAT,
-        metavar="NORM",
-        help=f"global norm, 0 = off (default {d('grad_clip')})",
-    )
+    a("--max-iters", type=int, metavar="N", help=f"optimizer steps (default {d('max_iters')})")
+    a("--batch-size", type=int, metavar="B", help=f"(default {d('batch_size')})")
+    a("--block-size", type=int, metavar="T", help="context length (default: the preset's)")
+    a("--n-layer", type=int, metavar="N", help="(default: the preset's)")
+    a("--n-head", type=int, metavar="N", help="(default: the preset's)")
+    a("--n-embd", type=int, metavar="C", help="(default: the preset's)")
+    a("--n-experts", type=int, metavar="E", help="experts per MoE layer, 0 = dense (default: the preset's)")
+    a("--top-k", type=int, metavar="K", help="experts per token (default: the preset's)")
+    a("--dropout", type=float, metavar="P", help="dropout probability (default: the preset's, 0)")
+    a("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
+    a("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
+    a("--warmup-iters", type=int, metavar="N", help=f"(default {d('warmup_iters')})")
+    a("--weight-decay", type=float, metavar="WD", help=f"AdamW decoupled decay (default {d('weight_decay')})")
+    a("--grad-clip", type=float, metavar="NORM", help=f"global norm, 0 = off (default {d('grad_clip')})")
     a(
         "--eval-interval",
-        type=POS_INT,
+        type=int,
         metavar="N",
-        help=f"evaluate and checkpoint every N steps (default {d('eval_interval')})",
+        help=f"evaluate + save every N steps (default {d('eval_interval')})",
     )
-    a("--eval-iters", type=POS_INT, metavar="N", help=f"batches per evaluation (default {d('eval_iters')})")
-    a(
-        "--log-interval",
-        type=POS_INT,
-        metavar="N",
-        help=f"steps per metrics line (default {d('log_interval')})",
-    )
-    a("--seed", type=NONNEG_INT, help=f"(default {d('seed')})")
-    a("--device", choices=["cpu", "gpu"], help="gpu uses CuPy (default cpu)")
-    a("--dtype", choices=["float32", "float64"], help=f"(default {d('dtype')})")
+    a("--eval-iters", type=int, metavar="N", help=f"batches per evaluation (default {d('eval_iters')})")
+    a("--log-interval", type=int, metavar="N", help=f"steps per metrics line (default {d('log_interval')})")
+    a("--seed", type=int, help=f"(default {d('seed')})")
+    a("--device", choices=DEVICES, help="gpu uses CuPy (default cpu)")
+    a("--dtype", choices=backend.DTYPES, help=f"(default {d('dtype')})")
     a("--resume", action="store_true", default=None, help="continue the run saved in --out")
     a(
         "--sample-tokens",
-        type=NONNEG_INT,
+        type=int,
         metavar="N",
         help=f"tokens sampled at the end (default {d('sample_tokens')})",
     )
@@ -168,16 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ckpt", metavar="PATH", help="run directory or ckpt.npz (default out)")
     src.add_argument("--hf", metavar="DIR", help="a local Hugging Face model folder (minimoe.hf)")
     p.add_argument("--prompt", default="", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=NONNEG_INT, default=200, metavar="N", help="(default 200)")
-    p.add_argument(
-        "--temperature", type=NONNEG_FLOAT, default=0.8, metavar="T", help="0 = greedy (default 0.8)"
-    )
-    p.add_argument(
-        "--top-k", type=POS_INT, default=None, metavar="K", help="sample among the K likeliest tokens"
-    )
-    p.add_argument("--seed", type=NONNEG_INT, default=None, help="fixes the sampled tokens (default: random)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="(default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens")
+    p.add_argument("--seed", type=int, default=None, help="fixes the sampled tokens (default: random)")
     p.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="config, parameters and FLOPs of a preset or checkpoint")
@@ -191,10 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default="out", metavar="PATH", help="run directory or ckpt.npz (default out)")
     p.add_argument("--text", required=True, help="the text to route")
     p.add_argument("--plot", metavar="FILE.png", help="also save a heat map (needs matplotlib)")
-    p.add_argument(
-        "--max-rows", type=POS_INT, default=200, metavar="N", help="table rows shown (default 200)"
-    )
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--max-rows", type=int, default=200, metavar="N", help="table rows shown (default 200)")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
     p.set_defaults(func=cmd_routes)
 
     sub.add_parser("bench", help="benchmarks (minimoe bench --help)", add_help=False)
@@ -203,11 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    from minimoe.train import train
-
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    summary = train(options)
+    summary = train(TrainOptions(**{k: getattr(args, k) for k in FIELDS}))
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 
@@ -215,20 +170,26 @@ def _set_device(name):
     backend.set_backend("cupy" if name == "gpu" else "numpy")
 
 
-def cmd_sample(args) -> int:
-    from minimoe.sample import StreamDecoder, default_prompt_ids, generate
+def _encode(tokenizer, text: str, what: str) -> list:
+    try:
+        return list(tokenizer.encode(text))
+    except ValueError as e:  # the tokenizer's own sentence: a character it has never seen
+        raise CliError(f"{what} cannot be encoded: {e}") from None
 
+
+def cmd_sample(args) -> int:
+    check_int("max_new_tokens", args.max_new_tokens, lo=0)
+    check_number("temperature", args.temperature, lo=0.0)
+    if args.top_k is not None:
+        check_int("top_k", args.top_k, lo=1)
+    if args.seed is not None:
+        check_int("seed", args.seed, lo=0)
     _set_device(args.device)
     if args.hf:
-        try:
-            hf = importlib.import_module("minimoe.hf")
-        except ModuleNotFoundError as e:
-            missing = (
-                "minimoe.hf is not part of this installation"
-                if e.name == "minimoe.hf"
-                else (f"--hf needs the Python package {e.name!r} (pip install 'minimoe[hf]')")
+        if not (Path(args.hf) / "config.json").is_file():
+            raise CliError(
+                f"--hf {args.hf!r} is not a local model folder with a config.json (nothing is downloaded)"
             )
-            raise CliError(missing) from None
         model, tokenizer = hf.load_pretrained(args.hf)
         if tokenizer is None:
             raise CliError(
@@ -236,10 +197,8 @@ def cmd_sample(args) -> int:
                 "pip install tokenizers), so text cannot be encoded for --hf"
             )
     else:
-        from minimoe.checkpoint import load_model
-
         model, tokenizer, _ = load_model(args.ckpt or "out")
-    ids = list(tokenizer.encode(args.prompt)) if args.prompt else default_prompt_ids(tokenizer)
+    ids = _encode(tokenizer, args.prompt, "--prompt") if args.prompt else default_prompt_ids(tokenizer)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -266,95 +225,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _human(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:g}"
-
-
-def _info_dict(config, training=None) -> dict:
-    counts = count_params(config)
-    d = {"name": config.name, "config": config.to_dict(), **counts}
-    if training is not None:
-        d["training"] = training
-    return d
-
-
-def _training_summary(ckpt) -> dict:
-    ts = ckpt.train_state
-    opts = ts.get("options", {})
-    return {
-        "iterations": ts.get("iteration"),
-        "max_iters": opts.get("max_iters"),
-        "train_loss": ts.get("last_train_loss"),
-        "val_loss": ts.get("last_val_loss"),
-        "best_val_loss": ts.get("best_val_loss"),
-        "tokens_seen": ts.get("tokens_seen"),
-        "wall_time_s": ts.get("elapsed_s"),
-        "data": opts.get("data"),
-        "tokenizer": (ckpt.tokenizer or {}).get("type"),
-        "backend": ts.get("backend"),
-    }
-
-
 def cmd_info(args) -> int:
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise CliError(f"unknown preset {args.preset!r}; valid presets are {', '.join(PRESETS)}")
-        info = _info_dict(get_preset(args.preset))
+        d = info.info_dict(get_preset(args.preset))
     else:
-        from minimoe.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(args.ckpt)
-        info = _info_dict(ckpt.config, _training_summary(ckpt))
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    cfg = info["config"]
-    print(
-        f"{info['name'] or 'model'}"
-        + ("  (published full-size configuration: counted, never built)" if cfg.get("counted_only") else "")
-    )
-    width = max(len(k) for k in cfg)
-    for k, v in cfg.items():
-        print(f"  {k:<{width}}  {v}")
-    tot, act = info["total"], info["active"]
-    print(
-        f"parameters: {tot:,} total ({_human(tot)}), {act:,} active per token ({_human(act)}, "
-        f"{100 * act / tot:.1f}%)"
-    )
-    print(
-        f"FLOPs per token: {_human(info['flops_per_token'])} forward, "
-        f"{_human(info['train_flops_per_token'])} training (3x forward) at context {cfg['block_size']}"
-    )
-    tr = info.get("training")
-    if args.preset is not None and not cfg.get("counted_only"):
-        print("(a toy preset's vocab_size is a placeholder: `minimoe train` takes it from the tokenizer)")
-    if tr:
-
-        def f(x, fmt="{:.4f}"):
-            return "n/a" if x is None else fmt.format(x)
-
-        print(
-            f"training: {tr['iterations']} of {tr['max_iters']} steps on {tr['data']!r} ({tr['tokenizer']} "
-            f"tokenizer), {f(tr['tokens_seen'], '{:,}')} tokens seen, "
-            f"wall time {f(tr['wall_time_s'], '{:.1f}')} s"
-        )
-        print(
-            f"  last train loss {f(tr['train_loss'])}, last val loss {f(tr['val_loss'])}, "
-            f"best val loss {f(tr['best_val_loss'])}"
-        )
+        d = info.info_dict(ckpt.config, info.training_summary(ckpt))
+    print(json.dumps(d, indent=2) if args.json else info.format_info(d, from_preset=args.preset is not None))
     return 0
 
 
 def cmd_routes(args) -> int:
-    from minimoe import analysis
-    from minimoe.checkpoint import load_model
-
+    check_int("max_rows", args.max_rows, lo=1)
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401  (optional: only the heat map needs it)
         except ImportError:
             raise CliError(
                 "--plot needs matplotlib, which is not installed (pip install matplotlib)"
@@ -363,7 +250,9 @@ def cmd_routes(args) -> int:
     model, tokenizer, _ = load_model(args.ckpt)
     if not args.text:
         raise CliError("--text is empty; give some text to route")
-    ids = tokenizer.encode(args.text)
+    if model.config.n_experts == 0:
+        raise CliError(f"the model in {args.ckpt!r} is dense (n_experts = 0): it has no routing to show")
+    ids = _encode(tokenizer, args.text, "--text")
     routes = analysis.route_tokens(model, ids)
     tokens = [tokenizer.decode([i]) for i in ids]
     E = model.config.n_experts
@@ -380,6 +269,8 @@ def cmd_routes(args) -> int:
 
 
 def cmd_bench(argv) -> int:
+    # imported here, not at the top, because minimoe.bench still imports this module (for
+    # _int_at_least): a top-level import would be a cycle. Once it does not, import it at the top.
     try:
         bench = importlib.import_module("minimoe.bench")
     except ModuleNotFoundError as e:
@@ -400,15 +291,18 @@ def _one_line(e) -> str:
 
 
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted).
+
+    Only a minimoe.errors.UserError (a bad flag, file, config, checkpoint or device) and an
+    OSError (a file that cannot be read or written) become one `error:` line; anything else is
+    a bug and propagates with its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (CliError, DataError, CheckpointError, backend.BackendError, ValueError) as e:
-        # the CLI boundary: user mistakes become one line, never a traceback
+    except UserError as e:  # the CLI boundary: user mistakes become one line, never a traceback
         sys.stdout.flush()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,5 +1,6 @@
 """The command line: train / sample / info / routes / bench, and one-line errors for bad input."""
 
+import ast
 import json
 import os
 import signal
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from minimoe import GPT, Config, checkpoint, cli, data
+from minimoe import train as train_module
+from minimoe.errors import CheckpointError, DataError, OptionError, UserError
 from minimoe.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +200,7 @@ BAD = [
     (["train", "--data", "{d}/latin1.txt"], "not valid UTF-8"),
     (["train", "--data", "{d}/short.txt"], "too few for --block-size"),
     (["train", "--preset", "gpt9"], "valid presets"),
-    (["train", "--preset", "mixtral", "--n-experts", "4", "--top-k", "5"], "top_k"),
+    (["train", "--preset", "mixtral", "--n-experts", "4", "--top-k", "5"], "--top-k = 5"),
     (["train", "--batch-size", "0"], "--batch-size"),
     (["train", "--n-layer", "-1"], "--n-layer"),
     (["train", "--lr", "abc"], "--lr"),
@@ -208,6 +211,12 @@ BAD = [
     (["info", "--preset", "gpt9"], "unknown preset"),
     (["info"], "required"),
     (["routes", "--ckpt", "{d}/junk", "--text", "hi"], "corrupt"),
+    (["routes", "--ckpt", "{d}/junk", "--text", "hi", "--max-rows", "0"], "--max-rows = 0 is invalid"),
+    (["sample", "--ckpt", "{d}/junk", "--temperature", "-1"], "--temperature = -1.0 is invalid"),
+    (["sample", "--ckpt", "{d}/junk", "--top-k", "0"], "--top-k = 0 is invalid"),
+    (["sample", "--hf", "{d}/nothing"], "not a local model folder"),
+    (["train", "--max-iters", "ten"], "--max-iters: invalid int value"),
+    (["train", "--dtype", "float16"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
 ]
 
@@ -270,10 +279,10 @@ def test_bench_dispatch(monkeypatch, capsys):
 def test_sample_from_hf_folder(monkeypatch, capsys, tmp_path):
     model = GPT(Config(flavour="llama", vocab_size=4, block_size=8, n_layer=1, n_head=2, n_embd=8))
     tok = CharTokenizer(list("abcd"))
+    (tmp_path / "config.json").write_text("{}")
     calls = []
-    fake = types.ModuleType("minimoe.hf")
-    fake.load_pretrained = lambda path: calls.append(path) or (model, tok)
-    monkeypatch.setitem(sys.modules, "minimoe.hf", fake)
+    fake = types.SimpleNamespace(load_pretrained=lambda path: calls.append(path) or (model, tok))
+    monkeypatch.setattr(cli, "hf", fake)
     rc, out, err = run_cli(
         capsys, "sample", "--hf", tmp_path, "--prompt", "ab", "--max-new-tokens", 6, "--seed", 0
     )
@@ -295,3 +304,59 @@ def test_seeded_cli_sampling_matches_generate(trained, capsys):
     rc, text, _ = run_cli(capsys, "sample", "--ckpt", out, "--prompt", "rev ab", "--max-new-tokens", 12,
                           "--top-k", 5, "--temperature", 1, "--seed", 9)  # fmt: skip
     assert rc == 0 and text == "rev ab" + tok.decode(ids) + "\n"
+
+
+def test_a_bug_keeps_its_traceback(corpus, tmp_path, monkeypatch, capsys):
+    """Only user errors become an `error:` line: a ValueError from inside training is a bug."""
+
+    def broken_step(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(train_module, "train_step", broken_step)
+    argv = ["train", "--data", corpus, "--out", tmp_path, "--max-iters", 2, "--sample-tokens", 0, *TINY]
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main([str(a) for a in argv])
+    # a bad flag is still one line and status 2
+    rc, _, err = run_cli(capsys, "train", "--max-iters", 0)
+    assert_one_line_error(rc, err)
+    assert "--max-iters = 0 is invalid" in err
+
+
+def test_a_bug_in_a_real_process_prints_a_traceback(corpus, tmp_path):
+    code = (
+        "import sys, minimoe.train as t\n"
+        "def broken_step(*a, **k):\n    raise ValueError('an internal bug')\n"
+        "t.train_step = broken_step\n"
+        "from minimoe.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["train", "--data", corpus, "--out", tmp_path, "--max-iters", 2, "--sample-tokens", 0, *TINY]
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode not in (0, 2)
+    assert "Traceback" in proc.stderr and "ValueError: an internal bug" in proc.stderr
+    assert "error: " not in proc.stderr
+
+
+def test_user_errors_are_one_family():
+    assert issubclass(cli.CliError, UserError)
+    for cls in (CheckpointError, DataError, OptionError):
+        assert issubclass(cls, UserError)
+
+
+def test_cli_imports_minimoe_at_module_level_only():
+    """Function-level imports hid import cycles; only optional packages may be imported lazily."""
+    optional = {"matplotlib", "tqdm", "torch", "transformers", "cupy", "tokenizers", "threadpoolctl"}
+    for name in ("cli", "train", "options", "progress", "signals", "metrics", "info", "checkpoint"):
+        tree = ast.parse((ROOT / "minimoe" / f"{name}.py").read_text(encoding="utf-8"))
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    mods = [node.module or ""]
+                else:
+                    continue
+                for mod in mods:
+                    assert mod.split(".")[0] in optional, f"minimoe/{name}.py: {fn.name} imports {mod}"

@@ -1,6 +1,10 @@
-"""The training loop: it learns, logs what it promises, and resumes bit for bit."""
+"""The training loop: it learns, logs what it promises, and resumes bit for bit; its progress
+display and its deferred Ctrl-C."""
 
+import io
 import json
+import signal
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +12,10 @@ import pytest
 from minimoe import checkpoint, data
 from minimoe.checkpoint import CheckpointError
 from minimoe.data import DataError
-from minimoe.train import TrainOptions, train
+from minimoe.errors import OptionError
+from minimoe.progress import Progress, format_duration
+from minimoe.signals import StopRequest
+from minimoe.train import VAL_FRACTION, TrainOptions, load_data, train
 
 TINY = dict(preset="mixtral", n_layer=2, n_embd=32, n_head=2, n_experts=4, top_k=2, block_size=32,
             batch_size=8, lr=1e-2, warmup_iters=5, eval_iters=4, sample_tokens=0)  # fmt: skip
@@ -121,7 +128,7 @@ def test_resume_keeps_the_model_and_needs_a_checkpoint(run, tmp_path):
 @pytest.mark.parametrize(
     "kw,err,match",
     [
-        (dict(top_k=5), ValueError, "top_k"),
+        (dict(top_k=5), OptionError, "--top-k = 5 is invalid"),
         (dict(batch_size=0), ValueError, "--batch-size"),
         (dict(preset="nope"), ValueError, "valid presets"),
         (dict(preset="mixtral-8x7b"), ValueError, "counting only"),
@@ -139,3 +146,85 @@ def test_options_object_and_unknown_option(corpus, tmp_path):
     assert train(o, quiet=True)["iterations"] == 3
     with pytest.raises(ValueError, match="unknown training option"):
         train(dict(max_itres=3), quiet=True)
+
+
+def test_an_explicit_option_wins_over_the_checkpoint_even_at_its_default(corpus, tmp_path):
+    # lr = 1e-3 is also the default: it was once taken for "not given", and the checkpoint's
+    # 1e-2 silently kept
+    out = str(tmp_path)
+    train(dict(TINY, data=corpus, out=out, max_iters=4, eval_interval=4, log_interval=1), quiet=True)
+    resumed = TrainOptions(out=out, resume=True, lr=1e-3, max_iters=6, eval_interval=6, log_interval=1)
+    assert train(resumed, quiet=True)["iterations"] == 6
+    saved = checkpoint.load_checkpoint(out).train_state["options"]
+    assert saved["lr"] == 1e-3 and saved["warmup_iters"] == TINY["warmup_iters"]  # the rest: the checkpoint's
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[3]["lr"] > 1e-3  # steps 1-4 ran at the checkpoint's peak 1e-2
+    assert all(r["lr"] <= 1e-3 for r in records[4:])  # steps 5-6 at the lr given now
+
+
+def test_load_data_returns_the_tokenizer_and_both_splits(corpus):
+    tokenizer, train_ids, val_ids = load_data(TrainOptions(data=corpus, tokenizer="char"), block_size=32)
+    text = data.load_corpus(corpus)
+    assert tokenizer.decode(np.concatenate([train_ids, val_ids]).tolist()) == text
+    assert len(val_ids) == round(len(text) * VAL_FRACTION)  # char tokens: one per character
+    with pytest.raises(DataError, match="too few for --block-size"):
+        load_data(TrainOptions(data=corpus, tokenizer="char"), block_size=len(text))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_in_a_log_file_prints_one_line_per_record():
+    log = io.StringIO()
+    p = Progress(total=20, initial=0, stream=log)
+    for it in range(1, 11):
+        p.update(it)
+    p.log({"step": 10, "train_loss_avg": 1.23456, "tokens_per_s": 4500.0})
+    p.write("step 10: saved")
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("step 10/20 | loss 1.2346 | 4.5k tok/s | ETA ") and lines[1:] == [
+        "step 10: saved"
+    ]
+    assert "\r" not in log.getvalue()
+    quiet = io.StringIO()
+    p = Progress(total=20, initial=0, stream=quiet, enabled=False)
+    p.update(1), p.log({"step": 1, "train_loss_avg": 1.0, "tokens_per_s": 1.0}), p.write("x"), p.close()
+    assert quiet.getvalue() == ""
+
+
+def test_progress_on_a_terminal_without_tqdm_rewrites_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` now fails
+    tty = _Terminal()
+    p = Progress(total=20, initial=5, stream=tty)
+    assert p.bar is None
+    p.update(6)
+    p.write("step 6: saved")
+    p.close()
+    text = tty.getvalue()
+    assert text.startswith("\rstep 6/20 | ETA ") and "\rstep 6: saved\n" in text and text.endswith("\n")
+    assert format_duration(75) == "1m15s" and format_duration(3725) == "1h02m"
+
+
+def test_first_signal_is_a_request_and_the_second_acts():
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: noted, nothing raised
+        assert stop.requested and stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 exists on POSIX systems only")
+def test_stop_request_takes_other_signals_the_same_way():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopRequest(signals=(signal.SIGINT, signal.SIGUSR1)) as stop:
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.received == signal.SIGUSR1
+        assert signal.getsignal(signal.SIGINT) == stop._handler  # SIGINT still deferred
+    assert signal.getsignal(signal.SIGUSR1) is before

@@ -161,6 +161,7 @@ def load_pretrained(path: str, dtype: str = "float32", training: bool = False):
         )
     with open(cfg_file, encoding="utf-8") as f:
         hf_config = json.load(f)
+    config_from_hf(hf_config, training)  # refuse a config we cannot represent before reading the weights
     model = from_hf(read_checkpoint(str(path)), hf_config, dtype=dtype, training=training)
     return model, load_tokenizer(str(path), hf_config)
 

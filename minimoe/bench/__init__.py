@@ -95,14 +95,21 @@ def build_parser():
     p.add_argument(
         "--preset", default="mixtral", help=f"a toy preset: {', '.join(toy_presets())} (default mixtral)"
     )
-    p.add_argument("--batch-size", type=int, default=12, help="B (default 12)")
-    p.add_argument("--block-size", type=int, help="T, the sequence length (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=12, metavar="B", help="batch size (default 12)")
+    p.add_argument("--block-size", type=int, metavar="T", help="sequence length (default: the preset's)")
     for field in SIZES[1:]:
-        p.add_argument("--" + field.replace("_", "-"), type=int, help="replace the preset's value")
+        p.add_argument(
+            "--" + field.replace("_", "-"), type=int, metavar="N", help="replace the preset's value"
+        )
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
-    p.add_argument("--iters", type=int, default=20, help="timed steps (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--threads", type=int, help="BLAS / torch threads (default: NumPy's current BLAS threads)")
+    p.add_argument("--iters", type=int, default=20, metavar="N", help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="BLAS / torch threads (default: NumPy's current BLAS threads)",
+    )
     p.add_argument("--vs-torch", action="store_true", help="also time a PyTorch eager twin, side by side")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -36,7 +36,9 @@ setup(
             "nbformat>=5",
             "ipykernel",
             "matplotlib>=3.5",
-            "build",  # tests/test_wheel.py builds the wheel and installs it outside the checkout
+            # tests/test_wheel.py builds the wheel offline (no build isolation) with these
+            "build",
+            "setuptools>=70.1",
         ],
         # Only for comparisons (parity tests, `minimoe bench --vs-torch`); never needed to train.
         "hf": ["safetensors", "tokenizers"],

@@ -1,24 +1,32 @@
-"""minimoe: a from-scratch NumPy GPT-style Mixture-of-Experts language model.
-
-Every forward and backward pass is written by hand; the same code runs on CuPy for a GPU.
-"""
+import re
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).resolve().parent
+# the one place the version is written is minimoe/__init__.py (`minimoe.__version__`)
+INIT = (HERE / "minimoe" / "__init__.py").read_text(encoding="utf-8")
+VERSION = re.search(r'^__version__ = "([^"]+)"', INIT, re.M).group(1)
+
 setup(
     name="minimoe",
-    version="0.1.0",
+    version=VERSION,
     description="A from-scratch NumPy GPT-style Mixture-of-Experts language model with hand-written backward passes",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["minimoe", "minimoe.*"]),
+    # The lesson notebooks (lessons/ in the checkout) ship inside the package as the data-only
+    # package minimoe.lessons.notebooks (installed at minimoe/lessons/notebooks/), so that
+    # `python -m minimoe.lessons copy DIR` works from a wheel. The lesson sources (*.py) come along.
+    packages=find_packages(include=["minimoe", "minimoe.*"]) + ["minimoe.lessons.notebooks"],
+    package_dir={"minimoe.lessons.notebooks": "lessons"},
+    package_data={"minimoe.lessons.notebooks": ["*.ipynb", "*.npz", "*.md", "*.png"]},
     install_requires=["numpy>=1.24"],
     extras_require={
-        # CuPy wheels are built per CUDA major version; pick the one matching your driver.
+        # CuPy wheels are built per CUDA major version: `gpu` is CUDA 12.x (cupy-cuda12x),
+        # `gpu-cuda13` is CUDA 13.x. Pick the one your NVIDIA driver supports (nvidia-smi tells).
         "gpu": ["cupy-cuda12x>=13"],
-        "gpu-cuda12": ["cupy-cuda12x>=13"],
         "gpu-cuda13": ["cupy-cuda13x>=14"],
         "lessons": ["jupyter", "nbclient>=0.7", "nbformat>=5", "ipykernel", "matplotlib>=3.5", "tqdm"],
         "test": [
@@ -28,8 +36,11 @@ setup(
             "nbformat>=5",
             "ipykernel",
             "matplotlib>=3.5",
+            # tests/test_wheel.py builds the wheel offline (no build isolation) with these
+            "build",
+            "setuptools>=70.1",
         ],
-        # Only for comparisons (parity tests, benchmarks); never needed to train.
+        # Only for comparisons (parity tests, `minimoe bench --vs-torch`); never needed to train.
         "hf": ["safetensors", "tokenizers"],
         "compare": ["torch", "transformers", "safetensors"],
     },

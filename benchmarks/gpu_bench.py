@@ -1,8 +1,9 @@
-"""One training step of minimoe on CuPy against the PyTorch CUDA eager reference, same weights.
+"""One training step of minimoe on CuPy against its PyTorch twin on CUDA, same weights.
 
-Used by scripts/gpu_check.py; needs CuPy and a CUDA build of PyTorch. Both models start from the
-same weights (the torch twin copies minimoe's) and train on the same batch; each step is timed
-with a device synchronisation at its end, steps of the two alternate, and the medians are kept.
+Used by scripts/gpu_check.py; needs CuPy and a CUDA build of PyTorch. The torch model is
+minimoe/bench/torch_twin.py; it starts from minimoe's weights and trains on the same batch.
+Each step is timed with a device synchronisation at its end, steps of the two alternate, and
+the medians are kept.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's minimoe
 
 import torch  # noqa: E402
-from torch_reference import TorchGPT  # noqa: E402
 
 import minimoe  # noqa: E402
 from minimoe import backend  # noqa: E402
+from minimoe.bench.torch_twin import TorchGPT  # noqa: E402
 
 
 def compare(preset: str, batch_size: int, overrides: dict, iters: int = 20, warmup: int = 5) -> dict:

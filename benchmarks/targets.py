@@ -20,12 +20,12 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LARGE = ["--n-layer", "6", "--n-embd", "384", "--n-head", "6", "--block-size", "256", "--batch-size", "16"]
 TARGETS = {
     "laptop-mixtral": ["--preset", "mixtral", "--iters", "20"],
     "laptop-dense": ["--preset", "dense", "--iters", "20"],
-    "large-mixtral": ["--preset", "mixtral", "--n-layer", "6", "--n-embd", "384", "--n-head", "6",
-                      "--block-size", "256", "--batch-size", "16", "--iters", "6", "--warmup", "1"],
-}  # fmt: skip
+    "large-mixtral": ["--preset", "mixtral", *LARGE, "--iters", "6", "--warmup", "1"],
+}
 
 
 def run_once(args: list) -> dict:

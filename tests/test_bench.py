@@ -1,7 +1,7 @@
-"""`minimoe bench` and the PyTorch reference it compares against.
+"""`minimoe bench` and the PyTorch twin it compares against.
 
 The speed comparison is only meaningful if the PyTorch model does the same work, so most tests
-here check that benchmarks/torch_reference.py, loaded with a minimoe model's weights, gives the
+here check that minimoe/bench/torch_twin.py, loaded with a minimoe model's weights, gives the
 same logits, loss, gradients and AdamW update (tightly in float64, within round-off in float32).
 No timing is asserted anywhere: speed is reported by the benchmark, never enforced.
 """
@@ -14,7 +14,7 @@ from conftest import tiny_config
 
 from minimoe import GPT, AdamW, bench
 
-TORCH_REASON = "PyTorch is optional; the reference comparison needs it"
+TORCH_REASON = "PyTorch is optional; the comparison with the torch twin needs it"
 
 CONFIGS = {
     "llama-dense": dict(flavour="llama"),
@@ -45,7 +45,7 @@ def _both(name, dtype, seed=0):
     if config.router == "sigmoid_bias":  # non-zero selection biases, so that they are copied too
         for k in model.buffers:
             model.buffers[k][...] = np.linspace(-0.3, 0.3, config.n_experts)
-    ref = bench.load_reference().TorchGPT.from_minimoe(model)
+    ref = bench.load_twin().TorchGPT.from_minimoe(model)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, config.vocab_size, (3, config.block_size))
     targets = rng.integers(0, config.vocab_size, (3, config.block_size))
@@ -88,7 +88,7 @@ def test_reference_optimizer_makes_the_same_update(name):
         t_loss.backward()
         t_opt.step()
         t_opt.zero_grad(set_to_none=True)
-    after = bench.load_reference().TorchGPT.from_minimoe(model)  # minimoe's new weights, torch layout
+    after = bench.load_twin().TorchGPT.from_minimoe(model)  # minimoe's new weights, torch layout
     for (name_a, a), (_, b) in zip(ref.named_parameters(), after.named_parameters()):
         assert _rel(a.detach().numpy(), b.detach().numpy()) <= 1e-10, name_a
 
@@ -114,7 +114,7 @@ def test_reference_a_wrong_weight_is_noticed():
 def test_reference_refuses_what_it_does_not_implement(overrides, word):
     pytest.importorskip("torch", reason=TORCH_REASON)
     with pytest.raises(ValueError, match=word):
-        bench.load_reference().TorchGPT(tiny_config("llama", **overrides))
+        bench.load_twin().TorchGPT(tiny_config("llama", **overrides))
 
 
 # ------------------------------------------------------------------------------------ the command
@@ -186,6 +186,9 @@ def test_peak_memory_grows_with_the_batch():
         (["--iters", "0"], "--iters"),
         (["--top-k", "9"], "top_k"),
         (["--dtype", "float16"], "--dtype"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--batch-size", "two"], "--batch-size"),
+        (["--n-layer", "0"], "--n-layer"),
     ],
 )
 def test_bench_user_errors_are_one_line(capsys, args, word):
@@ -200,7 +203,42 @@ def test_vs_torch_without_torch_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # as if not installed
     assert bench.main(TINY + ["--vs-torch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "PyTorch" in err[0]
+    assert len(err) == 1 and "PyTorch" in err[0] and "pip install 'minimoe[compare]'" in err[0]
+
+
+def test_bench_imports_neither_torch_nor_the_twin_unless_asked():
+    # a learner without torch can run `minimoe bench`: the twin is imported only for --vs-torch
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, minimoe.bench; print('torch' in sys.modules, 'minimoe.bench.torch_twin' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def _config_of(capsys, argv):
+    assert bench.main(TINY + ["--iters", "1", "--warmup", "0", "--no-memory", "--json"] + argv) == 0
+    return json.loads(capsys.readouterr().out)["config"]
+
+
+def test_n_head_keeps_the_presets_key_value_heads(monkeypatch, capsys):
+    # a GQA preset given --n-head stays GQA: --n-head used to reset n_kv_head to n_head
+    from minimoe.presets import PRESETS
+
+    monkeypatch.setitem(PRESETS, "mixtral", dict(PRESETS["mixtral"], n_head=4, n_kv_head=2))
+    c = _config_of(capsys, ["--n-head", "4"])
+    assert (c["n_head"], c["n_kv_head"]) == (4, 2)
+    c = _config_of(capsys, ["--n-head", "4", "--n-kv-head", "1"])  # asked for: MQA
+    assert (c["n_head"], c["n_kv_head"]) == (4, 1)
+    assert bench.main(TINY + ["--n-kv-head", "3"]) == 2  # 3 does not divide 2 query heads
+    assert "n_kv_head" in capsys.readouterr().err
+
+
+def test_n_head_alone_on_an_mha_preset_stays_mha(capsys):
+    c = _config_of(capsys, ["--n-head", "2"])
+    assert (c["n_head"], c["n_kv_head"]) == (2, 2)
 
 
 def test_blas_threads_can_be_read_and_set():

@@ -1,4 +1,4 @@
-"""Hugging Face import/export (minimoe/hf.py).
+"""Hugging Face import/export (minimoe/hf/) and the safetensors format (minimoe/safetensors.py).
 
 Without torch: the name/layout maps on synthetic numpy state dicts, the safetensors reader and
 writer on files written here, local folders, and the config fields we refuse.
@@ -302,7 +302,7 @@ def test_export_refuses_what_mixtral_lacks(change, field):
 
 
 def write_by_hand(path, entries, header_extra=None):
-    """A safetensors file from name -> (dtype, shape, raw bytes), written without hf.py."""
+    """A safetensors file from name -> (dtype, shape, raw bytes), written without minimoe."""
     header, blob = {"__metadata__": {"format": "pt"}}, b""
     for name, (dt, shape, raw) in entries.items():
         header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [len(blob), len(blob) + len(raw)]}
@@ -414,6 +414,25 @@ def test_save_then_load_pretrained(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="safetensors"):
         hf.load_pretrained(str(tmp_path))
+
+
+def test_a_users_bad_files_and_configs_are_user_errors(tmp_path):
+    # the command line turns exactly these (UserError) into one `error:` line for `sample --hf DIR`
+    from minimoe.errors import CheckpointError, ConfigError
+
+    with pytest.raises(CheckpointError, match="config.json"):
+        hf.load_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(GPT2_CFG, activation_function="relu")))
+    with pytest.raises(ConfigError, match="activation_function"):
+        hf.load_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 99) + b"{}")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        hf.read_safetensors(str(tmp_path / "model.safetensors"))
+    sd = gpt2_state_dict(GPT2_CFG, np.random.default_rng(0))
+    with pytest.raises(CheckpointError, match="transformer.h.1.ln_1.bias"):
+        hf.from_hf({k: v for k, v in sd.items() if k != "transformer.h.1.ln_1.bias"}, GPT2_CFG)
+    with pytest.raises(ConfigError, match="n_shared_experts"):
+        hf.hf_config_from(Config(flavour="llama", n_embd=8, n_head=2, n_experts=4, n_shared_experts=1))
 
 
 def _write_tokenizer(path, tokenizers):

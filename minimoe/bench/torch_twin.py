@@ -1,6 +1,7 @@
 """A plain PyTorch (eager) twin of minimoe's GPT, for side-by-side checks and benchmarks.
 
-Not part of the package: torch is optional and only the benchmarks and tests/test_bench.py use it.
+Importing this module needs torch (`pip install 'minimoe[compare]'`); only `minimoe bench
+--vs-torch` (through bench.timing.load_twin), the benchmarks and tests/test_bench.py import it.
 It is written the way such models usually are, so that `minimoe bench --vs-torch` compares
 minimoe with what a PyTorch user would write: nn.Modules, nn.Linear (weights stored (out, in)),
 F.scaled_dot_product_attention, RoPE with `rotate_half`, and a Mixture of Experts that loops
@@ -15,7 +16,7 @@ gradients can be compared number for number:
 
 Covers both flavours (gpt2, llama), grouped-query attention, dense and MoE blocks with the
 softmax (renormalised or not) and DeepSeek-V3 sigmoid_bias routers, shared experts, the
-balancing and z losses. Not covered (ValueError): dropout, the noisy router, expert capacity.
+balancing and z losses. Not covered (ConfigError): dropout, the noisy router, expert capacity.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimoe.backend import to_numpy
+from minimoe.errors import ConfigError
 from minimoe.optim import default_decay
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -32,11 +35,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def _check_supported(c):
     if c.dropout:
-        raise ValueError(f"the torch reference has no dropout; got dropout = {c.dropout}")
+        raise ConfigError(f"the torch twin has no dropout; got dropout = {c.dropout}")
     if c.n_experts and c.router == "noisy":
-        raise ValueError("the torch reference has no noisy router; use router 'softmax' or 'sigmoid_bias'")
+        raise ConfigError("the torch twin has no noisy router; use router 'softmax' or 'sigmoid_bias'")
     if c.n_experts and c.capacity_factor:
-        raise ValueError(f"the torch reference is dropless; got capacity_factor = {c.capacity_factor}")
+        raise ConfigError(f"the torch twin is dropless; got capacity_factor = {c.capacity_factor}")
 
 
 def _norm(c, dtype):
@@ -240,8 +243,6 @@ class TorchGPT(nn.Module):
     @classmethod
     def from_minimoe(cls, model):
         """A TorchGPT with the config, dtype and (copied) weights and router biases of a minimoe GPT."""
-        from minimoe import to_numpy
-
         ref = cls(model.config, model.dtype)
         pairs = ref._pairs()
         if set(pairs) != set(model.params):

@@ -26,7 +26,9 @@ class GeluCache(NamedTuple):
 
 
 def gelu_forward_reference(x, approximate="tanh"):
-    """(...) -> (...), the plain formula of `gelu_forward`."""
+    """(...) -> (...).  GELU(x) = x * Phi(x), the plain twin of `gelu_forward`:
+    "tanh":  Phi(x) ~ (1 + t) / 2,  t = tanh(sqrt(2/pi) (x + 0.044715 x^3));
+    "none":  Phi(x) = (1 + erf(x / sqrt(2))) / 2."""
     xp = backend.xp_of(x)
     if approximate == "tanh":
         t = xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))
@@ -38,7 +40,9 @@ def gelu_forward_reference(x, approximate="tanh"):
 
 
 def gelu_backward_reference(dy, cache):
-    """dy -> dx, the plain formula of `gelu_backward`."""
+    """dy -> dx, the plain twin of `gelu_backward`:
+    "tanh":  dx = dy * ((1 + t)/2 + x/2 (1 - t^2) du/dx),  du/dx = sqrt(2/pi) (1 + 3*0.044715 x^2);
+    "none":  dx = dy * (Phi(x) + x phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)."""
     x = cache.x
     xp = backend.xp_of(x)
     if cache.approximate == "tanh":
@@ -116,7 +120,8 @@ def gelu_backward(dy, cache):
 
 
 def sigmoid_reference(x):
-    """(...) -> (...), the logistic function 1 / (1 + exp(-x)), as written."""
+    """(...) -> (...).  sigmoid(x) = 1 / (1 + exp(-x)), as written (the plain twin of `sigmoid`;
+    numpy warns when exp(-x) overflows, for x < -709 in float64)."""
     return 1.0 / (1.0 + backend.xp_of(x).exp(-x))
 
 
@@ -139,14 +144,14 @@ def sigmoid(x):
 
 
 def silu_forward_reference(x):
-    """(...) -> (...), the plain formula of `silu_forward`: y = x * sigmoid(x); cache (y, sigmoid(x))."""
+    """(...) -> (...).  SiLU(x) = x * sigmoid(x), the plain twin of `silu_forward`; cache (y, s)."""
     s = sigmoid_reference(x)
     y = x * s
     return y, (y, s)
 
 
 def silu_backward_reference(dy, cache):
-    """dy -> dx, the plain formula of `silu_backward`."""
+    """dy -> dx = dy * (s + y (1 - s)),  s = sigmoid(x), y = x s: the plain twin of `silu_backward`."""
     y, s = cache
     return dy * (s + y * (1.0 - s))
 

@@ -33,7 +33,8 @@ def rope_tables(T, D, theta=10000.0, offset=0, xp=None, dtype="float32"):
 
 
 def rope_forward_reference(x, cos, sin):
-    """x (B, H, T, D), cos/sin (T, D/2) -> (B, H, T, D), the plain formula of `rope_forward`."""
+    """x (B, H, T, D), cos/sin (T, D/2) -> (B, H, T, D), the plain twin of `rope_forward`:
+    y1 = x1 cos - x2 sin,  y2 = x2 cos + x1 sin,  x = [x1 | x2] split in halves."""
     xp = backend.xp_of(x)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -41,7 +42,8 @@ def rope_forward_reference(x, cos, sin):
 
 
 def rope_backward_reference(dy, cache):
-    """dy (B, H, T, D) -> dx, the plain formula of `rope_backward`."""
+    """dy (B, H, T, D) -> dx, the rotation by -angle, the plain twin of `rope_backward`:
+    dx1 = dy1 cos + dy2 sin,  dx2 = dy2 cos - dy1 sin."""
     cos, sin = cache
     xp = backend.xp_of(dy)
     half = dy.shape[-1] // 2
@@ -93,8 +95,10 @@ class AttentionCache(NamedTuple):
 
 
 def causal_attention_forward_reference(q, k, v):
-    """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> y (B, H, Tq, D), the plain formula of
-    `causal_attention_forward`: each query head reads a copy of its key/value head."""
+    """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> y (B, H, Tq, D), the plain twin of
+    `causal_attention_forward`:  y = softmax(q k^T / sqrt(D) + mask) v,  with each query head h
+    reading a copy of key/value head h // g, and query i (at position Tk - Tq + i) masked from
+    the keys after it."""
     xp = backend.xp_of(q)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -109,7 +113,9 @@ def causal_attention_forward_reference(q, k, v):
 
 
 def causal_attention_backward_reference(dy, cache):
-    """dy (B, H, Tq, D) -> dq, dk, dv, the plain formula of `causal_attention_backward`."""
+    """dy (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, Hkv, Tk, D), the plain twin of
+    `causal_attention_backward`:  dv = p^T dy,  dp = dy v^T,  ds = p * (dp - sum_keys(dp * p)),
+    dq = ds k * scale,  dk = ds^T q * scale,  each summed over the g query heads of a kv head."""
     xp = backend.xp_of(dy)
     q, p, scale = cache.q, cache.probs, cache.scale
     B, H, Tq, D = q.shape

@@ -9,7 +9,8 @@ def embedding_forward(ids, w):
 
 
 def embedding_backward_reference(dy, cache):
-    """dy (B, T, C) -> dw (V, C), the plain formula of `embedding_backward`."""
+    """dy (B, T, C) -> dw (V, C), the plain twin of `embedding_backward`:
+    dw[i] = sum of dy[b, t] over every position with ids[b, t] == i."""
     ids, (V, C) = cache
     xp = backend.xp_of(dy)
     dw = xp.zeros((V, C), dtype=dy.dtype)

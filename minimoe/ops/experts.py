@@ -51,12 +51,13 @@ class CombineCache(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain twins: each expert's slots found by a comparison, tokens gathered by a scatter-add
+# Plain twins: each expert's slots found by a comparison, tokens summed by a scatter-add
 # ---------------------------------------------------------------------------------------------
 
 
 def dispatch_forward_reference(x, idx, E, capacity=None):
-    """x (N, C), idx (N, K) -> x_sorted, offsets, counts, cache: the plain version of `dispatch_forward`."""
+    """x (N, C), idx (N, K) -> x_sorted (M, C), offsets (E+1,), counts (E,), cache: the plain twin
+    of `dispatch_forward`. Expert e takes its slots in slot order, at most `capacity` of them."""
     xp = backend.xp_of(x)
     N, K = idx.shape
     expert_of_slot = idx.T.reshape(-1)  # slot s = k*N + n
@@ -92,7 +93,8 @@ def combine_forward_reference(y_sorted, gates, cache):
 
 
 def combine_backward_reference(dy, cache):
-    """dy (N, C) -> dy_sorted (M, C), dgates (N, K): the plain version of `combine_backward`."""
+    """dy (N, C) -> dy_sorted (M, C), dgates (N, K), the plain twin of `combine_backward`:
+    dy_sorted[m] = gate[m] * dy[token m],  dgates[n, k] = <dy[n], y_sorted[slot (n, k)]>, 0 if dropped."""
     xp = backend.xp_of(dy)
     d = cache.dispatch
     dy_slot = dy[d.token]  # (M, C) the gradient at each kept slot's token

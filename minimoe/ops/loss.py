@@ -30,7 +30,8 @@ def _flatten(logits, targets, ignore_index):
 
 
 def cross_entropy_forward_reference(logits, targets, ignore_index=-1):
-    """logits (..., V), targets (...) -> loss (0-d), the plain formula of `cross_entropy_forward`."""
+    """logits (..., V), targets (...) -> loss (0-d), the plain twin of `cross_entropy_forward`:
+    loss = mean over counted positions of -log softmax(logits)[target]."""
     xp = backend.xp_of(logits)
     z, t, valid = _flatten(logits, targets, ignore_index)
     m = z.max(axis=-1, keepdims=True)
@@ -42,7 +43,8 @@ def cross_entropy_forward_reference(logits, targets, ignore_index=-1):
 
 
 def cross_entropy_backward_reference(dloss, cache):
-    """dloss (scalar) -> dlogits (..., V), the plain formula of `cross_entropy_backward`."""
+    """dloss (scalar) -> dlogits (..., V), the plain twin of `cross_entropy_backward`:
+    dlogits = dloss * (softmax(logits) - onehot(target)) / (counted positions), 0 where ignored."""
     xp = backend.xp_of(cache.probs)
     onehot = xp.eye(cache.probs.shape[-1], dtype=cache.probs.dtype)[cache.safe_targets]
     d = (cache.probs - onehot) * (cache.valid * (dloss / cache.denom))[:, None]

@@ -26,7 +26,8 @@ def _sum_leading(a):
 
 
 def layernorm_forward_reference(x, w, b, eps=1e-5):
-    """(..., C) -> (..., C), the plain formula of `layernorm_forward`."""
+    """(..., C) -> (..., C).  y = (x - mean) / sqrt(var + eps) * w + b, the plain twin of
+    `layernorm_forward` (mean and var over C)."""
     xp = backend.xp_of(x)
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -36,7 +37,8 @@ def layernorm_forward_reference(x, w, b, eps=1e-5):
 
 
 def layernorm_backward_reference(dy, cache):
-    """dy (..., C) -> dx, dw, db, the plain formula of `layernorm_backward`."""
+    """dy (..., C) -> dx (..., C), dw (C,), db (C,), the plain twin of `layernorm_backward`:
+    g = dy * w,  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw = sum dy * xhat,  db = sum dy."""
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     g = dy * w
     dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
@@ -92,7 +94,7 @@ def layernorm_backward(dy, cache):
 
 
 def rmsnorm_forward_reference(x, w, eps=1e-5):
-    """(..., C) -> (..., C), the plain formula of `rmsnorm_forward`."""
+    """(..., C) -> (..., C).  y = x / sqrt(mean(x^2) + eps) * w, the plain twin of `rmsnorm_forward`."""
     xp = backend.xp_of(x)
     rstd = 1.0 / xp.sqrt((x**2).mean(axis=-1, keepdims=True) + eps)
     xhat = x * rstd
@@ -100,7 +102,8 @@ def rmsnorm_forward_reference(x, w, eps=1e-5):
 
 
 def rmsnorm_backward_reference(dy, cache):
-    """dy (..., C) -> dx, dw, the plain formula of `rmsnorm_backward`."""
+    """dy (..., C) -> dx (..., C), dw (C,), the plain twin of `rmsnorm_backward`:
+    g = dy * w,  dx = rstd * (g - xhat * mean(g * xhat)),  dw = sum dy * xhat."""
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     g = dy * w
     dx = rstd * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))

@@ -2,7 +2,8 @@
 
 Ops never import numpy for array math: they ask `xp_of(x)` for the module of the arrays they
 were given, so the same code runs on either backend. Everything that differs between the two
-libraries (scatter-add, random numbers, erf, host<->device copies) is wrapped here, once.
+libraries is wrapped here, once: host<->device copies, random numbers, scatter-add, stable sorting,
+floating-point warnings and erf.
 
     MINIMOE_BACKEND=cupy python ...      # or
     minimoe.set_backend("cupy")
@@ -117,29 +118,66 @@ def make_rng(seed, xp=None):
 
 
 def scatter_add(target, indices, values):
-    """target[indices[i]] += values[i], accumulating repeated indices (in place).
+    """target[indices[i]] += values[i] for every i, repeated indices accumulating (in place).
 
-    target (V, ...), indices (N,) integer, values (N, ...). `ufunc.at` is the unbuffered form of
-    `+=` that numpy and CuPy (13+, an atomic-add kernel) both spell `xp.add.at`; a plain
-    `target[indices] += values` would keep only one update per repeated index.
+    target (V, ...), indices (N,) integer, values (N, ...); returns target. `ufunc.at` is the
+    unbuffered form of `+=` that numpy and CuPy (13+, an atomic-add kernel) both spell
+    `xp.add.at`; a plain `target[indices] += values` would keep only one update per repeated index.
     """
     xp_of(target).add.at(target, indices, values)
     return target
+
+
+def segment_sum(values, indices, n: int):
+    """out[j] = sum of values[i] over every i with indices[i] == j, for j < n: a new array.
+
+    values (N, ...), indices (N,) integer -> (n, ...); rows no index points at are 0. The same
+    numbers as scatter_add into zeros.
+    CuPy: scatter_add, an atomic-add kernel.
+    NumPy: its `add.at` works element by element and is slow, so we sort the positions by index
+    (stably) and sum each run of equal indices with `add.reduceat` (the same sums, added in the
+    same order); each row that occurs is then written once.
+    """
+    xp = xp_of(values)
+    out = xp.zeros((n, *values.shape[1:]), dtype=values.dtype)
+    if is_cupy_array(values) or indices.size == 0:
+        return scatter_add(out, indices, values)
+    order = argsort_stable(indices)
+    sorted_idx = indices[order]
+    starts = xp.flatnonzero(xp.concatenate([[True], sorted_idx[1:] != sorted_idx[:-1]]))
+    out[sorted_idx[starts]] = xp.add.reduceat(values[order], starts, axis=0)
+    return out
+
+
+def argsort_stable(x, axis=-1):
+    """Indices that sort x along `axis`, equal values keeping their original order.
+
+    numpy's default sort (quicksort) is not stable, so we ask for kind="stable"; CuPy's sort is
+    always stable and takes no `kind`.
+    """
+    xp = xp_of(x)
+    if is_cupy_array(x):
+        return xp.argsort(x, axis=axis)
+    return xp.argsort(x, axis=axis, kind="stable")
 
 
 def topk_indices(x, k: int):
     """Indices of the k largest entries along the last axis, largest first.
 
     x (..., E) -> (..., k) integer. Ties go to the smaller index (a stable sort of -x), so the
-    choice is deterministic and identical on numpy and cupy (whose sort is also stable).
+    choice is deterministic and identical on numpy and cupy.
     E is small (experts), so a full sort costs little and is easier to trust than argpartition.
     """
-    xp = xp_of(x)
-    if xp is numpy:
-        order = numpy.argsort(-x, axis=-1, kind="stable")
-    else:
-        order = xp.argsort(-x, axis=-1)
-    return order[..., :k]
+    return argsort_stable(-x, axis=-1)[..., :k]
+
+
+def ignore_overflow():
+    """A context in which float overflow (exp(800) = inf, say) raises no warning.
+
+    Only numpy warns about floating-point errors; CuPy never does, so numpy's errstate is all
+    either backend needs.
+    """
+    return numpy.errstate(over="ignore")
 
 
 # erf: numpy has none (scipy is not a dependency); cupy has one in cupyx.scipy.special.

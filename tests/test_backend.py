@@ -6,8 +6,10 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import fake_cupy
 import numpy as np
 import pytest
 from conftest import rand_ids, tiny_config
@@ -151,6 +153,67 @@ def test_scatter_add_accumulates_repeats():
     np.testing.assert_array_equal(target, [[0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [2, 3]])
 
 
+@pytest.mark.parametrize("shape", [(40, 3), (40,), (1, 5), (0, 3)])
+def test_segment_sum_equals_add_at_into_zeros(shape):
+    # the numpy path sorts and uses add.reduceat: it must give np.add.at's sums for any number of
+    # repeats (and zero rows for ids that never occur, and for no positions at all)
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 7, shape[0])
+    values = rng.standard_normal(shape)
+    expected = np.zeros((9, *shape[1:]))  # ids 7 and 8 never occur
+    np.add.at(expected, indices, values)
+    got = backend.segment_sum(values, indices, 9)
+    assert got.shape == expected.shape and got.dtype == values.dtype
+    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-15)
+    np.testing.assert_array_equal(got[np.setdiff1d(np.arange(9), indices)], 0.0)
+    assert backend.segment_sum(values.astype(np.float32), indices, 9).dtype == np.float32
+
+
+def test_argsort_stable_keeps_the_order_of_ties():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, (5, 40))  # many ties: quicksort would reorder them
+    for axis in (-1, 0):
+        order = backend.argsort_stable(x, axis=axis)
+        np.testing.assert_array_equal(order, np.argsort(x, axis=axis, kind="stable"))
+        s = np.take_along_axis(x, order, axis=axis)
+        assert np.all(np.diff(s, axis=axis) >= 0)
+    order = backend.argsort_stable(np.array([2, 0, 2, 1, 0, 2]))
+    assert order.tolist() == [1, 4, 3, 0, 2, 5]  # equal values stay in index order
+
+
+def test_ignore_overflow_silences_only_overflow():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with backend.ignore_overflow():
+            assert np.exp(np.array([1000.0]))[0] == np.inf
+        with pytest.raises(RuntimeWarning):  # outside the context numpy still warns
+            np.exp(np.array([1000.0]))
+        with backend.ignore_overflow(), pytest.raises(RuntimeWarning):  # and other errors still warn
+            np.array([1.0]) / np.array([0.0])
+
+
+def test_backend_helpers_on_a_device_array():
+    # on (fake) CuPy arrays the helpers take the device path: results stay on the device, the
+    # numbers equal numpy's, and nothing is copied to the host
+    rng = np.random.default_rng(2)
+    indices, values = rng.integers(0, 5, 30), rng.standard_normal((30, 2))
+    x = rng.integers(0, 3, 50).astype(np.float64)
+    expected = np.zeros((5, 2))
+    np.add.at(expected, indices, values)
+    with fake_cupy.installed() as cp:
+        fake_cupy.transfers.clear()
+        target = backend.scatter_add(cp.zeros((5, 2)), cp.asarray(indices), cp.asarray(values))
+        sums = backend.segment_sum(cp.asarray(values), cp.asarray(indices), 5)
+        order = backend.argsort_stable(cp.asarray(x))
+        top = backend.topk_indices(cp.asarray(x.reshape(5, 10)), 3)
+        assert all(backend.is_cupy_array(a) for a in (target, sums, order, top))
+        assert sum(fake_cupy.transfers.values()) == 0
+        np.testing.assert_allclose(target.get(), expected, rtol=1e-14)
+        np.testing.assert_allclose(sums.get(), expected, rtol=1e-14)
+        np.testing.assert_array_equal(order.get(), np.argsort(x, kind="stable"))
+        np.testing.assert_array_equal(top.get(), backend.topk_indices(x.reshape(5, 10), 3))
+
+
 def test_conversion_and_rng_helpers():
     a = np.arange(6.0).reshape(2, 3)
     assert backend.xp_of(a) is np and backend.xp_of(1.0, [1]) is np
@@ -188,6 +251,24 @@ def test_ops_do_not_use_numpy_directly(path):
             )
         elif isinstance(node, ast.Name):
             assert node.id not in {"np", "numpy", "cp", "cupy"}, f"{path.name}:{node.lineno} uses {node.id}"
+
+
+@pytest.mark.parametrize("path", _ops_sources(), ids=lambda p: p.name)
+def test_ops_do_not_branch_on_the_backend(path):
+    """Every numpy/cupy difference lives in backend.py: no op asks which library it runs on, sets
+    numpy's error state, or picks a sort algorithm (cupy's sort takes no `kind`)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in {"is_cupy_array", "errstate", "__name__", "__module__"}, (
+                f"{path.name}:{node.lineno} uses .{node.attr}"
+            )
+        elif isinstance(node, ast.keyword):
+            assert node.arg != "kind", f"{path.name}:{node.lineno} passes kind= (use backend.argsort_stable)"
+        elif isinstance(node, ast.Constant):
+            assert node.value not in ("errstate", "numpy", "cupy"), (
+                f"{path.name}:{node.lineno} {node.value!r}"
+            )
 
 
 class _CountingXP:

@@ -13,7 +13,19 @@ import pytest
 from conftest import EPS, GRAD_TOL, rand
 
 from minimoe import backend, gradcheck
-from minimoe.ops import activation, attention, dropout, embedding, ffn, linear, loss, norm
+from minimoe.ops import (
+    activation,
+    attention,
+    balance,
+    dropout,
+    embedding,
+    experts,
+    ffn,
+    linear,
+    loss,
+    norm,
+    router,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The cases: name -> builder(rng) -> (forward, backward, inputs, wrt)
@@ -183,6 +195,52 @@ def test_every_public_op_pair_has_a_case():
     )
     exported = {n[: -len("_backward")] for n in dir(ops) if n.endswith("_backward")}
     assert exported <= covered, f"ops without a gradient-check case: {exported - covered}"
+
+
+def _long_plain_tuples(cache, where="cache"):
+    """Paths inside a cache to tuples of more than two entries that are not NamedTuples (shapes,
+    tuples of ints, are fine)."""
+    if not isinstance(cache, tuple) or all(isinstance(v, int) for v in cache):
+        return []
+    bad = [] if hasattr(cache, "_fields") or len(cache) <= 2 else [where]
+    names = getattr(cache, "_fields", range(len(cache)))
+    for name, field in zip(names, cache):
+        bad += _long_plain_tuples(field, f"{where}.{name}")
+    return bad
+
+
+def _moe_op_caches():
+    """name -> cache of the MoE ops (router, balance, experts), from one small routing."""
+    rng = np.random.default_rng(0)
+    N, C, E, K = 6, 4, 3, 2
+    x, logits = rand(rng, N, C), rand(rng, N, E)
+    gates, idx, c_topk = router.softmax_topk_forward(logits, K)
+    _, _, c_sig = router.sigmoid_bias_topk_forward(logits, np.zeros(E), K)
+    probs, _ = router.router_probs_forward(logits, "softmax")
+    x_sorted, offsets, _, c_disp = experts.dispatch_forward(x, idx, E, 3)
+    w = {"w1": rand(rng, E, C, 5), "w3": rand(rng, E, C, 5), "w2": rand(rng, E, 5, C)}
+    y_sorted, c_exp = experts.experts_forward(x_sorted, offsets, w)
+    return {
+        "softmax_topk": c_topk,
+        "sigmoid_bias_topk": c_sig,
+        "load_balancing": balance.load_balancing_loss_forward(probs, idx, E)[1],
+        "z_loss": balance.z_loss_forward(logits)[1],
+        "dispatch": c_disp,
+        "experts": c_exp,
+        "combine": experts.combine_forward(y_sorted, gates, c_disp)[1],
+    }
+
+
+def test_caches_of_more_than_two_entries_are_named_tuples():
+    # a backward reads its cache by field name (cache.probs), never by position: a long plain
+    # tuple would let a reordered forward silently feed the wrong array to its backward
+    caches = {name: build_case(name)[0](*build_case(name)[2])[1] for name in OP_CASES}
+    caches.update(_moe_op_caches())
+    # the whole attention layer (self_attention_*) is moving to minimoe/layers/attention.py
+    bad = {n: _long_plain_tuples(c) for n, c in caches.items() if not n.startswith("self_attention")}
+    assert not any(bad.values()), {n: b for n, b in bad.items() if b}
+    assert type(caches["attention_gqa"]).__name__ == "AttentionCache"
+    assert caches["attention_gqa"].probs.shape == (2, 4, 5, 5)  # (B, H, Tq, Tk), per query head
 
 
 # ---------------------------------------------------------------------------------------------

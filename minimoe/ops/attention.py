@@ -3,10 +3,13 @@
 Legend: B batch, T time, C channels, H query heads, Hkv key/value heads, D head size (C = H*D),
 g = H / Hkv query heads sharing one key/value head (g = 1: multi-head; Hkv = 1: multi-query).
 Query head h uses key/value head h // g (the layout of Hugging Face's `repeat_kv`).
+RoPE and the attention core come first as `*_reference`, the formula written plainly; the fast
+versions below them compute the same numbers (a test checks them equal in float64).
 """
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 from minimoe import backend
 
@@ -28,6 +31,25 @@ def rope_tables(T, D, theta=10000.0, offset=0, xp=None, dtype="float32"):
     return xp.cos(ang).astype(dtype), xp.sin(ang).astype(dtype)
 
 
+def rope_forward_reference(x, cos, sin):
+    """x (B, H, T, D), cos/sin (T, D/2) -> (B, H, T, D), the plain twin of `rope_forward`:
+    y1 = x1 cos - x2 sin,  y2 = x2 cos + x1 sin,  x = [x1 | x2] split in halves."""
+    xp = backend.xp_of(x)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1), (cos, sin)
+
+
+def rope_backward_reference(dy, cache):
+    """dy (B, H, T, D) -> dx, the rotation by -angle, the plain twin of `rope_backward`:
+    dx1 = dy1 cos + dy2 sin,  dx2 = dy2 cos - dy1 sin."""
+    cos, sin = cache
+    xp = backend.xp_of(dy)
+    half = dy.shape[-1] // 2
+    dy1, dy2 = dy[..., :half], dy[..., half:]
+    return xp.concatenate([dy1 * cos + dy2 * sin, dy2 * cos - dy1 * sin], axis=-1)
+
+
 def _rotate(x, cos, sin):
     """y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, computed over whole rows of D as
         y = x * [cos | cos] + swap(x * [sin | -sin]),   swap([a | b]) = [b | a].
@@ -46,12 +68,14 @@ def _rotate(x, cos, sin):
 def rope_forward(x, cos, sin):
     """x (B, H, T, D), cos/sin (T, D/2) -> (B, H, T, D).
     y1 = x1 cos - x2 sin,   y2 = x2 cos + x1 sin."""
+    # Fast twin of rope_forward_reference: whole-row operations instead of halves (see _rotate).
     return _rotate(x, cos, sin), (cos, sin)
 
 
 def rope_backward(dy, cache):
     """dy (B, H, T, D) -> dx. A rotation's inverse is its transpose: rotate by -angle.
     dx1 = dy1 cos + dy2 sin,   dx2 = dy2 cos - dy1 sin."""
+    # Fast twin of rope_backward_reference: the forward's whole-row rotation, by -angle.
     cos, sin = cache
     return _rotate(dy, cos, -sin)
 
@@ -59,6 +83,53 @@ def rope_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------
 # Attention core: softmax(q k^T / sqrt(D) + causal mask) v   (Vaswani et al. 2017, eq. 1)
 # ---------------------------------------------------------------------------------------------
+
+
+class AttentionCache(NamedTuple):
+    q: Any  # (B, H, Tq, D) queries
+    k: Any  # (B, Hkv, Tk, D) keys
+    v: Any  # (B, Hkv, Tk, D) values
+    probs: Any  # (B, H, Tq, Tk) attention weights softmax(q k^T * scale + mask), 0 where masked
+    scale: float  # 1 / sqrt(D)
+
+
+def causal_attention_forward_reference(q, k, v):
+    """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> y (B, H, Tq, D), the plain twin of
+    `causal_attention_forward`:  y = softmax(q k^T / sqrt(D) + mask) v,  with each query head h
+    reading a copy of key/value head h // g, and query i (at position Tk - Tq + i) masked from
+    the keys after it."""
+    xp = backend.xp_of(q)
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    kh, vh = xp.repeat(k, H // Hkv, axis=1), xp.repeat(v, H // Hkv, axis=1)  # (B, H, Tk, D)
+    scale = 1.0 / math.sqrt(D)
+    s = (q @ kh.swapaxes(-1, -2)) * scale  # (B, H, Tq, Tk) scores
+    future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)  # key j after query i's position
+    s = xp.where(future, -xp.inf, s)
+    p = xp.exp(s - s.max(axis=-1, keepdims=True))  # softmax over keys
+    p = p / p.sum(axis=-1, keepdims=True)
+    return p @ vh, AttentionCache(q, k, v, p, scale)
+
+
+def causal_attention_backward_reference(dy, cache):
+    """dy (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, Hkv, Tk, D), the plain twin of
+    `causal_attention_backward`:  dv = p^T dy,  dp = dy v^T,  ds = p * (dp - sum_keys(dp * p)),
+    dq = ds k * scale,  dk = ds^T q * scale,  each summed over the g query heads of a kv head."""
+    xp = backend.xp_of(dy)
+    q, p, scale = cache.q, cache.probs, cache.scale
+    B, H, Tq, D = q.shape
+    Hkv, Tk = cache.k.shape[1], cache.k.shape[2]
+    g = H // Hkv
+    kh, vh = xp.repeat(cache.k, g, axis=1), xp.repeat(cache.v, g, axis=1)
+    dvh = p.swapaxes(-1, -2) @ dy
+    dp = dy @ vh.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # softmax backward
+    dq = (ds @ kh) * scale
+    dkh = (ds.swapaxes(-1, -2) @ q) * scale
+    # a key/value head's gradient is the sum over the g query heads that read it
+    dk = dkh.reshape(B, Hkv, g, Tk, D).sum(axis=2)
+    dv = dvh.reshape(B, Hkv, g, Tk, D).sum(axis=2)
+    return dq, dk, dv
 
 
 @functools.lru_cache(maxsize=16)
@@ -84,12 +155,16 @@ def _batch_chunks(B, score_bytes_per_row):
 def causal_attention_forward(q, k, v):
     """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with Tk >= Tq -> y (B, H, Tq, D).
 
+        y = softmax(q k^T / sqrt(D) + mask) v,   mask = -inf where key j is after query i
+
     The Tq queries are the LAST Tq positions of the Tk keys (Tq == Tk in training; Tq < Tk when
     generating with a key/value cache): query i sits at position Tk - Tq + i and may attend to
     keys 0 .. Tk - Tq + i.
     Grouped-query attention without copying k and v: the g query heads of a group are stacked
     along time, q -> (B, Hkv, g*Tq, D), so one batched matmul per key/value head serves them all.
     """
+    # Fast twin of causal_attention_forward_reference: no copies of k and v (heads stacked along
+    # time), a cached additive mask, the softmax in place a few batch rows at a time (CPU cache).
     xp = backend.xp_of(q)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -109,7 +184,7 @@ def causal_attention_forward(q, k, v):
         xp.exp(s, out=s)
         s *= 1.0 / s.sum(axis=-1, keepdims=True)  # one division per row, then multiplies
         xp.matmul(s, v[b], out=y[b])
-    return y.reshape(B, H, Tq, D), (qg, k, v, p, scale)
+    return y.reshape(B, H, Tq, D), AttentionCache(q, k, v, p.reshape(B, H, Tq, Tk), scale)
 
 
 def causal_attention_backward(dy, cache):
@@ -121,10 +196,13 @@ def causal_attention_backward(dy, cache):
     Because the g heads of a group were stacked along time, the matmuls for dk and dv sum over
     the group automatically (a key/value head's gradient is the sum over the heads that read it).
     """
+    # Fast twin of causal_attention_backward_reference: grouped heads, in place, in batch chunks.
     xp = backend.xp_of(dy)
-    qg, k, v, p, scale = cache
+    k, v, scale = cache.k, cache.v, cache.scale
     B, H, Tq, D = dy.shape
-    Hkv = k.shape[1]
+    Hkv, Tk = k.shape[1], k.shape[2]
+    qg = cache.q.reshape(B, Hkv, -1, D)  # the forward's grouped layout (views, no copies)
+    p = cache.probs.reshape(B, Hkv, -1, Tk)
     dyg = dy.reshape(B, Hkv, -1, D)
     dq, dk, dv = (xp.empty(a.shape, dtype=dy.dtype) for a in (qg, k, v))
     for b in _batch_chunks(B, p[0:1].nbytes):  # a few batch rows at a time, as in the forward

@@ -3,7 +3,15 @@
 Legend: N tokens, E experts, K experts per token.
 """
 
+from typing import Any, NamedTuple
+
 from minimoe import backend
+
+
+class LoadBalancingCache(NamedTuple):
+    f: Any  # (E,) fraction of the N*K assignments that went to each expert
+    N: int  # tokens
+    E: int  # experts
 
 
 def load_balancing_loss_forward(probs, idx, E):
@@ -27,14 +35,20 @@ def load_balancing_loss_forward(probs, idx, E):
     f = counts.astype(probs.dtype) / (N * K)
     P = probs.mean(axis=0)
     loss = E * (f * P).sum()
-    return loss, (f, N, E)
+    return loss, LoadBalancingCache(f, N, E)
 
 
 def load_balancing_loss_backward(dloss, cache):
     """dloss (scalar) -> dprobs (N, E):  d loss / d probs[n, e] = E * f_e / N."""
-    f, N, E = cache
-    xp = backend.xp_of(f)
-    return xp.broadcast_to((dloss * E / N) * f, (N, E)).copy()
+    N, E = cache.N, cache.E
+    xp = backend.xp_of(cache.f)
+    return xp.broadcast_to((dloss * E / N) * cache.f, (N, E)).copy()
+
+
+class ZLossCache(NamedTuple):
+    lse: Any  # (N,) log sum_e exp(logits[n, e])
+    probs: Any  # (N, E) softmax(logits)
+    N: int  # tokens
 
 
 def z_loss_forward(logits):
@@ -49,10 +63,9 @@ def z_loss_forward(logits):
     s = e.sum(axis=-1, keepdims=True)
     lse = (m + xp.log(s))[:, 0]
     N = logits.shape[0]
-    return (lse * lse).sum() / N, (lse, e / s, N)
+    return (lse * lse).sum() / N, ZLossCache(lse, e / s, N)
 
 
 def z_loss_backward(dloss, cache):
     """dloss -> dlogits (N, E) = dloss * (2/N) * lse_n * softmax(logits_n)."""
-    lse, softmax, N = cache
-    return (dloss * 2.0 / N) * lse[:, None] * softmax
+    return (dloss * 2.0 / cache.N) * cache.lse[:, None] * cache.probs

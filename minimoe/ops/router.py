@@ -7,6 +7,8 @@ and its backward takes dgates and returns dlogits (N, E). Top-k selection is pie
 no gradient flows through *which* experts were chosen, only through the gate values.
 """
 
+from typing import Any, NamedTuple
+
 from minimoe import backend
 from minimoe.ops.activation import sigmoid, softmax_backward, softmax_forward
 
@@ -17,6 +19,13 @@ def _scatter_rows(vals, idx, E):
     out = xp.zeros((vals.shape[0], E), dtype=vals.dtype)
     xp.put_along_axis(out, idx, vals, axis=-1)
     return out
+
+
+class SoftmaxTopkCache(NamedTuple):
+    renormalize: bool  # softmax over the K chosen logits (True) or the full softmax's K entries
+    softmax: tuple  # the cache of that softmax
+    idx: Any  # (N, K) the chosen experts
+    E: int  # experts
 
 
 def softmax_topk_forward(logits, k, renormalize=True):
@@ -37,17 +46,16 @@ def softmax_topk_forward(logits, k, renormalize=True):
     else:
         p, sm_cache = softmax_forward(logits)
         gates = xp.take_along_axis(p, idx, axis=-1)
-    return gates, idx, (renormalize, sm_cache, idx, logits.shape[-1])
+    return gates, idx, SoftmaxTopkCache(renormalize, sm_cache, idx, logits.shape[-1])
 
 
 def softmax_topk_backward(dgates, cache):
     """dgates (N, K) -> dlogits (N, E).
     renormalised: a softmax over the chosen logits, so dlogits_idx = g (dg - sum(dg g)), 0 elsewhere.
     not renormalised: scatter dg into the full (N, E) softmax gradient, then through the softmax."""
-    renormalize, sm_cache, idx, E = cache
-    if renormalize:
-        return _scatter_rows(softmax_backward(dgates, sm_cache), idx, E)
-    return softmax_backward(_scatter_rows(dgates, idx, E), sm_cache)
+    if cache.renormalize:
+        return _scatter_rows(softmax_backward(dgates, cache.softmax), cache.idx, cache.E)
+    return softmax_backward(_scatter_rows(dgates, cache.idx, cache.E), cache.softmax)
 
 
 def noisy_logits_forward(clean, noise_logits, noise):
@@ -73,6 +81,13 @@ def noisy_logits_backward(dH, cache):
     return dH, dH * noise * sigmoid(noise_logits)
 
 
+class SigmoidTopkCache(NamedTuple):
+    scores: Any  # (N, E) s = sigmoid(logits)
+    idx: Any  # (N, K) the chosen experts
+    gates: Any  # (N, K) s_idx / sum(s_idx)
+    total: Any  # (N, 1) sum(s_idx)
+
+
 def sigmoid_bias_topk_forward(logits, bias, k):
     """DeepSeek-V3's router (DeepSeek-AI 2024, eqs. 13-16): auxiliary-loss-free balancing.
 
@@ -89,16 +104,16 @@ def sigmoid_bias_topk_forward(logits, bias, k):
     s_sel = xp.take_along_axis(s, idx, axis=-1)
     total = s_sel.sum(axis=-1, keepdims=True)
     gates = s_sel / total
-    return gates, idx, (s, idx, gates, total)
+    return gates, idx, SigmoidTopkCache(s, idx, gates, total)
 
 
 def sigmoid_bias_topk_backward(dgates, cache):
     """dgates (N, K) -> dlogits (N, E).
     g_j = s_j / S with S = sum_sel s  =>  ds_i = (dg_i - sum_j dg_j g_j) / S on the chosen i;
     then through the sigmoid: dlogit = ds * s (1 - s)."""
-    s, idx, gates, total = cache
-    ds_sel = (dgates - (dgates * gates).sum(axis=-1, keepdims=True)) / total
-    ds = _scatter_rows(ds_sel, idx, s.shape[-1])
+    s = cache.scores
+    ds_sel = (dgates - (dgates * cache.gates).sum(axis=-1, keepdims=True)) / cache.total
+    ds = _scatter_rows(ds_sel, cache.idx, s.shape[-1])
     return ds * s * (1.0 - s)
 
 

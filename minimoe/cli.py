@@ -16,13 +16,12 @@ convert types; minimoe.options judges the values.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from minimoe import analysis, backend, hf, info
+from minimoe import analysis, backend, bench, hf, info
 from minimoe.checkpoint import load_checkpoint, load_model
 from minimoe.errors import UserError
 from minimoe.options import DEFAULTS, DEVICES, FIELDS, TOKENIZERS, TrainOptions, check_int, check_number
@@ -42,23 +41,6 @@ class _Parser(argparse.ArgumentParser):
     # argparse prints the usage and then "prog: error: ..." on two lines; we want one line.
     def error(self, message):
         raise CliError(f"{message} (see `{self.prog} --help`)")
-
-
-def _int_at_least(lo):
-    """An argparse type for an integer >= lo. Kept only for minimoe.bench, which still imports it
-    (and so imports the CLI); the command line itself converts types only and lets
-    minimoe.options judge the values. Delete it once bench no longer uses it."""
-
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
-        return v
-
-    return parse
 
 
 # The parsers convert types only (int, float, a fixed set of words); minimoe.options judges the
@@ -269,18 +251,6 @@ def cmd_routes(args) -> int:
 
 
 def cmd_bench(argv) -> int:
-    # imported here, not at the top, because minimoe.bench still imports this module (for
-    # _int_at_least): a top-level import would be a cycle. Once it does not, import it at the top.
-    try:
-        bench = importlib.import_module("minimoe.bench")
-    except ModuleNotFoundError as e:
-        if e.name == "minimoe.bench":
-            raise CliError(
-                "`minimoe bench` is not available: minimoe.bench is not part of this installation"
-            ) from None
-        raise CliError(
-            f"`minimoe bench` needs the Python package {e.name!r}, which is not installed"
-        ) from None
     rc = bench.main(argv)
     return 0 if rc is None else int(rc)
 

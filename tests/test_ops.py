@@ -236,8 +236,7 @@ def test_caches_of_more_than_two_entries_are_named_tuples():
     # tuple would let a reordered forward silently feed the wrong array to its backward
     caches = {name: build_case(name)[0](*build_case(name)[2])[1] for name in OP_CASES}
     caches.update(_moe_op_caches())
-    # the whole attention layer (self_attention_*) is moving to minimoe/layers/attention.py
-    bad = {n: _long_plain_tuples(c) for n, c in caches.items() if not n.startswith("self_attention")}
+    bad = {n: _long_plain_tuples(c) for n, c in caches.items()}
     assert not any(bad.values()), {n: b for n, b in bad.items() if b}
     assert type(caches["attention_gqa"]).__name__ == "AttentionCache"
     assert caches["attention_gqa"].probs.shape == (2, 4, 5, 5)  # (B, H, Tq, Tk), per query head

@@ -82,6 +82,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert all(f"minimoe/lessons/notebooks/{n}" in files for n in notebooks)  # lesson data
 
     # 2. a fresh venv that sees this interpreter's packages only after its own
+    # PYTHONPATH unset throughout: pip would otherwise see the checkout's minimoe (an editable
+    # install's metadata) as "already installed" and skip the wheel
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
@@ -90,10 +93,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     ).strip()
     outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(site, "outer_site_packages.pth").write_text("\n".join(sorted(outer)) + "\n")
-    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path)
+    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd=tmp_path, env=env)
 
     # 3. run it from elsewhere, with nothing pointing at the checkout
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     work = tmp_path / "work"
     work.mkdir()
     where = _run([python, "-c", "import minimoe; print(minimoe.__file__)"], cwd=work, env=env).strip()

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from minimoe import data
+from minimoe import data, synthetic
 from minimoe.data import DataError
 
 
@@ -89,7 +89,7 @@ def test_synthetic_examples_are_correct():
             assert x[::-1] == y
         elif task == "brackets":
             s, label = body.split("|")
-            assert label == ("ok" if data._is_balanced(s) else "bad")
+            assert label == ("ok" if synthetic._is_balanced(s) else "bad")
         else:
             assert body.endswith(" .")
 

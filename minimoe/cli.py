@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from minimoe import analysis, backend, bench, hf, info
+from minimoe import analysis, backend, bench, hf, info, threads
 from minimoe.checkpoint import load_checkpoint, load_model
 from minimoe.errors import UserError
 from minimoe.options import DEFAULTS, DEVICES, FIELDS, TOKENIZERS, TrainOptions, check_int, check_number
@@ -30,6 +30,7 @@ from minimoe.sample import StreamDecoder, default_prompt_ids, generate
 from minimoe.train import train
 
 EXIT_USAGE = 2
+THREADS_HELP = "CPU threads to compute with (default: chosen from the model size and the free cores)"
 EXIT_INTERRUPTED = 130
 
 
@@ -93,6 +94,7 @@ def _add_train_args(p):
         metavar="N",
         help=f"tokens sampled at the end (default {d('sample_tokens')})",
     )
+    a("--threads", type=int, metavar="N", help=THREADS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="fixes the sampled tokens (default: random)")
     p.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="config, parameters and FLOPs of a preset or checkpoint")
@@ -166,6 +169,8 @@ def cmd_sample(args) -> int:
         check_int("top_k", args.top_k, lo=1)
     if args.seed is not None:
         check_int("seed", args.seed, lo=0)
+    if args.threads is not None:
+        check_int("threads", args.threads, lo=1)
     _set_device(args.device)
     if args.hf:
         if not (Path(args.hf) / "config.json").is_file():
@@ -181,6 +186,7 @@ def cmd_sample(args) -> int:
     else:
         model, tokenizer, _ = load_model(args.ckpt or "out")
     ids = _encode(tokenizer, args.prompt, "--prompt") if args.prompt else default_prompt_ids(tokenizer)
+    threads.apply(args.threads, model.config, tokens=1)  # generation feeds one token at a time
     out = sys.stdout
     out.write(args.prompt)
     out.flush()

@@ -101,10 +101,11 @@ class TrainOptions:
     dtype: Optional[str] = None
     resume: Optional[bool] = None
     sample_tokens: Optional[int] = None
+    threads: Optional[int] = None  # None: chosen from the free cores (minimoe/threads.py)
 
 
 # The one place the defaults are written. The fields left out stay None after resolution:
-# block_size ... dropout mean "the preset's", min_lr means lr / 10.
+# block_size ... dropout mean "the preset's", min_lr means lr / 10, threads: chosen (minimoe.threads).
 DEFAULTS = TrainOptions(
     preset="mixtral",
     data="builtin",  # builtin | synthetic | tinyshakespeare | a path to a UTF-8 text file
@@ -195,6 +196,8 @@ def check_options(o: TrainOptions) -> None:
         check_number("min_lr", o.min_lr, lo=0.0, hi=o.lr)
     check_number("weight_decay", o.weight_decay, lo=0.0)
     check_number("grad_clip", o.grad_clip, lo=0.0)  # 0: no clipping
+    if o.threads is not None:
+        check_int("threads", o.threads, lo=1)
 
 
 def model_config(o: TrainOptions, vocab_size: int) -> Config:

@@ -37,7 +37,7 @@ from typing import Optional
 
 import numpy as np
 
-from minimoe import backend, checkpoint, data
+from minimoe import backend, checkpoint, data, threads
 from minimoe.metrics import estimate_loss, loss_summary, moe_stats, prepare_metrics_file, unigram_loss
 from minimoe.model import GPT
 from minimoe.optim import AdamW, clip_grad_norm, cosine_lr
@@ -74,6 +74,7 @@ def train(options=None, *, callback=None, quiet: bool = False, stream=None, **ov
     backend.set_backend("cupy" if o.device == "gpu" else "numpy")
     run = Run.start(o, ckpt)
     say(run.describe(resuming=ckpt is not None))
+    say(threads.apply(o.threads, run.model.config, o.batch_size * run.model.config.block_size).describe())
     if run.step >= o.max_iters:
         say(f"the checkpoint is already at step {run.step} >= --max-iters {o.max_iters}; raise it to go on")
 

@@ -19,12 +19,13 @@ comparison, tokens summed by a scatter-add); the fast versions below them comput
 numbers with one sort and K gathers (a test checks them equal in float64).
 """
 
+import functools
 import math
 from fractions import Fraction
 from typing import Any, NamedTuple
 
 from minimoe import backend
-from minimoe.ops import ffn
+from minimoe.ops import ffn, parallel
 
 
 def capacity_for(N, K, E, capacity_factor):
@@ -191,27 +192,36 @@ class ExpertsCache(NamedTuple):
     weight_shapes: dict  # name -> shape of the stacked weights, for the zero gradients
 
 
+def _groups(offsets):
+    """The experts shared out among the parallel workers, about equal rows per worker."""
+    return parallel.split([b - a for a, b in zip(offsets[:-1], offsets[1:])], parallel.workers())
+
+
 def experts_forward(x_sorted, offsets, w, activation="swiglu"):
     """x_sorted (M, C) -> y_sorted (M, C): expert e's FFN on rows offsets[e]:offsets[e+1].
 
     w: dict of stacked weights, swiglu: w1, w3 (E, C, F), w2 (E, F, C);
     gelu / gelu_exact: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
+    The experts are independent, so groups of them run side by side (ops/parallel.py).
     """
     xp = backend.xp_of(x_sorted)
-    E = w["w1"].shape[0]
     y = xp.empty_like(x_sorted)
-    caches = []
-    for e in range(E):
-        a, b = offsets[e], offsets[e + 1]
-        if a == b:
-            caches.append(None)
-            continue
-        if activation == "swiglu":
-            y[a:b], c = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
-        else:
-            approx = "tanh" if activation == "gelu" else "none"
-            y[a:b], c = ffn.gelu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx)
-        caches.append(c)
+    caches = [None] * w["w1"].shape[0]  # None for an expert that received no slot
+
+    def forward(group):
+        for e in group:
+            a, b = offsets[e], offsets[e + 1]
+            if a == b:
+                continue
+            if activation == "swiglu":
+                y[a:b], caches[e] = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
+            else:
+                approx = "tanh" if activation == "gelu" else "none"
+                y[a:b], caches[e] = ffn.gelu_mlp_forward(
+                    x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx
+                )
+
+    parallel.run([functools.partial(forward, group) for group in _groups(offsets)])
     return y, ExpertsCache(caches, offsets, activation, {k: v.shape for k, v in w.items()})
 
 
@@ -221,12 +231,17 @@ def experts_backward(dy_sorted, cache):
     offsets = cache.offsets
     dw = {k: xp.zeros(s, dtype=dy_sorted.dtype) for k, s in cache.weight_shapes.items()}
     dx = xp.empty_like(dy_sorted)
-    for e, c in enumerate(cache.ffn_caches):
-        if c is None:
-            continue
-        a, b = offsets[e], offsets[e + 1]
-        if cache.activation == "swiglu":
-            dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
-        else:
-            dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
+
+    def backward(group):
+        for e in group:
+            c = cache.ffn_caches[e]
+            if c is None:
+                continue
+            a, b = offsets[e], offsets[e + 1]
+            if cache.activation == "swiglu":
+                dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
+            else:
+                dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
+
+    parallel.run([functools.partial(backward, group) for group in _groups(offsets)])
     return dx, dw

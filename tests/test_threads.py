@@ -155,3 +155,22 @@ def test_train_and_sample_take_threads_and_train_says_what_it_chose(tmp_path, ca
         cli.main(["sample", "--ckpt", str(tmp_path / "run"), "--max-new-tokens", "3", "--threads", "1"]) == 0
     )
     assert parallel.workers() == 1
+
+
+def test_attention_batch_rows_side_by_side_give_the_same_numbers_bit_for_bit(rng):
+    from minimoe.ops import attention
+
+    q, k, v = (
+        rng.standard_normal((5, 4, 6, 8)),
+        rng.standard_normal((5, 2, 6, 8)),
+        rng.standard_normal((5, 2, 6, 8)),
+    )
+    dy = rng.standard_normal(q.shape)
+    out = {}
+    for n in (1, 2, 3):
+        parallel.set_workers(n)
+        assert len(attention._batch_chunks(5, 100)) >= n
+        y, cache = attention.causal_attention_forward(q, k, v)
+        out[n] = (y, *attention.causal_attention_backward(dy, cache))
+    for n in (2, 3):
+        assert all(np.array_equal(a, b) for a, b in zip(out[1], out[n]))

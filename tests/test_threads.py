@@ -174,3 +174,18 @@ def test_attention_batch_rows_side_by_side_give_the_same_numbers_bit_for_bit(rng
         out[n] = (y, *attention.causal_attention_backward(dy, cache))
     for n in (2, 3):
         assert all(np.array_equal(a, b) for a, b in zip(out[1], out[n]))
+
+
+def test_bench_takes_the_threads_and_a_flavour(capsys):
+    import json
+
+    from minimoe import bench
+
+    tiny = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "8", "--batch-size", "2"]
+    tiny += ["--iters", "1", "--warmup", "0", "--no-memory", "--json"]
+    assert bench.main(["--preset", "dense", "--flavour", "gpt2", "--threads", "2", *tiny]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["config"]["norm"] == "layernorm" and r["config"]["activation"] == "gelu" and r["threads"] == 2
+    assert r["threads_chosen"].startswith("threads 2 (--threads)")
+    assert bench.main(["--preset", "dense", "--flavour", "gpt3", *tiny]) == 2
+    assert "--flavour = 'gpt3' is invalid" in capsys.readouterr().err

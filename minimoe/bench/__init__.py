@@ -51,6 +51,7 @@ from minimoe.bench.timing import (
     time_steps,
     torch_step,
 )
+from minimoe.config import FLAVOURS
 from minimoe.errors import OptionError, UserError
 from minimoe.options import check, check_choice, check_int
 from minimoe.presets import count_params, toy_presets
@@ -102,6 +103,10 @@ def build_parser():
         p.add_argument(
             "--" + field.replace("_", "-"), type=int, metavar="N", help="replace the preset's value"
         )
+    p.add_argument(
+        "--flavour",
+        help="gpt2 (LayerNorm, GELU, learned positions, tied, biases) or llama (default: the preset's)",
+    )
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
     p.add_argument("--iters", type=int, default=20, metavar="N", help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default 3)")
@@ -122,6 +127,8 @@ def check_args(args) -> None:
     toy = toy_presets()
     check(args.preset in toy, "preset", args.preset, f"it must be a toy preset: {', '.join(toy)}")
     check_choice("dtype", args.dtype, DTYPES)
+    if args.flavour is not None:
+        check_choice("flavour", args.flavour, FLAVOURS)
     for name in ("batch_size", "iters", *SIZES):
         if getattr(args, name) is not None:
             check_int(name, getattr(args, name), lo=1)
@@ -132,8 +139,9 @@ def check_args(args) -> None:
 
 def bench_config(args):
     """The preset's Config with the sizes given on the command line; only those change (a GQA
-    preset keeps its key/value heads when --n-head alone is given)."""
-    return make_config(args.preset, **{name: getattr(args, name) for name in SIZES})
+    preset keeps its key/value heads when --n-head alone is given). --flavour changes the
+    architecture's defaults (norm, activation, positions, tying, biases) and nothing else."""
+    return make_config(args.preset, flavour=args.flavour, **{name: getattr(args, name) for name in SIZES})
 
 
 def run(args) -> dict:

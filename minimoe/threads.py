@@ -74,7 +74,7 @@ class Threads(NamedTuple):
     def describe(self) -> str:
         """One line for the start of a run, e.g. 'threads 2 (auto: 2 cores, 0.1 busy); ...'."""
         why = self.source
-        if self.source == "auto":
+        if self.source == "auto" and self.cores is not None:
             why = f"auto: {self.cores} core{'s' if self.cores != 1 else ''}, {self.busy:.1f} busy with other work"
         how = f"BLAS {self.blas}"
         if self.workers > 1:

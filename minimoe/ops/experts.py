@@ -229,13 +229,15 @@ def experts_backward(dy_sorted, cache):
     """dy_sorted (M, C) -> dx_sorted (M, C), dict of stacked weight gradients (E, ., .)."""
     xp = backend.xp_of(dy_sorted)
     offsets = cache.offsets
-    dw = {k: xp.zeros(s, dtype=dy_sorted.dtype) for k, s in cache.weight_shapes.items()}
+    dw = {k: xp.empty(s, dtype=dy_sorted.dtype) for k, s in cache.weight_shapes.items()}
     dx = xp.empty_like(dy_sorted)
 
     def backward(group):
         for e in group:
             c = cache.ffn_caches[e]
-            if c is None:
+            if c is None:  # an expert that received no token: zero gradients
+                for g in dw.values():
+                    g[e] = 0
                 continue
             a, b = offsets[e], offsets[e + 1]
             if cache.activation == "swiglu":

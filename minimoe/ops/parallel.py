@@ -21,19 +21,15 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-_state = {"workers": 1, "pool": None}
+_state = {"workers": 1, "pool": None, "pool_threads": 0}
 _lock = threading.Lock()
 
 
 def set_workers(n: int) -> None:
     """Run up to n tasks at once from now on (n = 1: every task in the caller's thread, in order)."""
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"workers must be an integer >= 1, got {n!r}")
-    with _lock:
-        if n != _state["workers"] and _state["pool"] is not None:
-            _state["pool"].shutdown(wait=True)
-            _state["pool"] = None
-        _state["workers"] = n
+    _state["workers"] = n
 
 
 def workers() -> int:
@@ -41,10 +37,15 @@ def workers() -> int:
     return _state["workers"]
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of at least `threads` threads, kept for the life of the process (a smaller one is
+    replaced; lowering the workers keeps it, idle threads cost nothing)."""
     with _lock:
-        if _state["pool"] is None:
-            _state["pool"] = ThreadPoolExecutor(n - 1, thread_name_prefix="minimoe")
+        if _state["pool_threads"] < threads:
+            if _state["pool"] is not None:
+                _state["pool"].shutdown(wait=True)
+            _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="minimoe")
+            _state["pool_threads"] = threads
         return _state["pool"]
 
 
@@ -54,9 +55,11 @@ def run(tasks: list) -> list:
     n = _state["workers"]
     if n == 1 or len(tasks) < 2 or threading.current_thread().name.startswith("minimoe"):
         return [task() for task in tasks]  # one worker, one task, or already inside a task
-    futures = [_pool(n).submit(task) for task in tasks[1:]]
-    first = tasks[0]()
-    return [first] + [f.result() for f in futures]
+    pool = _pool(n - 1)
+    # at most n tasks at once: the caller runs every n-th task, the pool the others
+    futures = {i: pool.submit(task) for i, task in enumerate(tasks) if i % n}
+    mine = {i: task() for i, task in enumerate(tasks) if i % n == 0}
+    return [mine[i] if i in mine else futures[i].result() for i in range(len(tasks))]
 
 
 def split(sizes: list, parts: int) -> list:

@@ -105,7 +105,7 @@ def _causal_softmax(s):
     xp = backend.xp_of(s)
     Tq, Tk = s.shape[-2:]
     future = xp.arange(Tk)[None, :] > (xp.arange(Tq) + (Tk - Tq))[:, None]
-    s[..., future] = -xp.inf
+    s += xp.where(future, -xp.inf, 0.0).astype(s.dtype)  # (Tq, Tk), broadcast over (B, H)
     s -= s.max(axis=-1, keepdims=True)
     xp.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)

@@ -306,6 +306,18 @@ def test_rope_interleave_perm():
     assert rel_error(rope_forward(x[..., mla.rope_interleave_perm(6)], cos, sin)[0], interleaved) <= 1e-15
 
 
+def test_checkpoint_round_trip_keeps_mla(tmp_path):
+    from minimoe import checkpoint
+
+    model = GPT(mla_config(), seed=3)
+    back = checkpoint.build_model(
+        checkpoint.load_checkpoint(checkpoint.save_checkpoint(tmp_path / "ck", model))
+    )
+    assert back.config == model.config and back.config.attention == "mla"
+    idx = np.array([[1, 2, 3, 4]])
+    assert np.array_equal(back.forward(idx)[0], model.forward(idx)[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Config: defaults, and combinations refused by name
 # ---------------------------------------------------------------------------------------------

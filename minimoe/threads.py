@@ -20,12 +20,17 @@ The rule (`choose`):
     threads = max(1, floor(cores - busy + 0.25))    a core counts as free unless over a quarter
               of it is busy
 How the threads are used depends on the size of the model's matrix products, measured by its
-feed-forward input product: rows x C x F, rows = the tokens of a step (B T), or for an MoE
-layer the rows one expert gets on average (B T K / E):
-    small (< SMALL_MATMUL_FLOPS): BLAS gets 1 thread; an MoE layer runs its experts side by side
-              on `threads` Python threads instead (ops/parallel.py), each expert a whole task, so
-              the threads meet only twice per layer and step. A dense model then uses one core.
-    large: BLAS gets `threads` threads, which then pay for their meetings; experts run in order.
+feed-forward input product, 2 x rows x C x F FLOPs, rows = the tokens of a step (B T), or for an
+MoE layer the rows one expert gets on average (B T K / E):
+    tiny  (< TINY_MATMUL_FLOPS, e.g. generation's one token at a time): 1 thread, without even
+          looking at the load; handing work to another thread costs more than the work.
+    small (< SMALL_MATMUL_FLOPS, e.g. the laptop-size experts, 12.6 MFLOP): BLAS gets 1 thread;
+          an MoE layer runs whole experts side by side on `threads` Python threads instead, and
+          the causal attention its batch rows (ops/parallel.py). A waiting thread sleeps rather
+          than spins, and the threads meet twice per layer instead of after every product, so
+          a neighbour that takes a core costs a share of the time, not a collapse. A dense model
+          of this size uses 1 thread.
+    large: BLAS gets `threads` threads; everything runs in order.
 An explicit OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) in the environment counts as the user's
 `--threads`, as does minimoe.set_threads(n). On the GPU (CuPy) none of this matters much: the
 host BLAS gets the same count, the experts run in order.

@@ -1,6 +1,6 @@
 """A training step beside busy neighbours: OpenBLAS's default threads against minimoe's choice.
 
-    PYTHONPATH=. python benchmarks/under_load.py               # mixtral, B=12, T=64: ~3 minutes
+    PYTHONPATH=. python benchmarks/under_load.py               # mixtral, B=12, T=64: a few minutes
     PYTHONPATH=. python benchmarks/under_load.py --preset dense --steps 10
 
 For 0, 1 and 2 neighbours (processes that each keep one core busy with a Python loop, started

@@ -21,10 +21,19 @@ import os
 import sys
 from pathlib import Path
 
-from minimoe import analysis, backend, bench, hf, info
+from minimoe import analysis, backend, bench, dist, hf, info
 from minimoe.checkpoint import load_checkpoint, load_model
 from minimoe.errors import UserError
-from minimoe.options import DEFAULTS, DEVICES, FIELDS, TOKENIZERS, TrainOptions, check_int, check_number
+from minimoe.options import (
+    DEFAULTS,
+    DEVICES,
+    FIELDS,
+    PARALLEL,
+    TOKENIZERS,
+    TrainOptions,
+    check_int,
+    check_number,
+)
 from minimoe.presets import PRESETS, get_preset, toy_presets
 from minimoe.sample import StreamDecoder, default_prompt_ids, generate
 from minimoe.train import train
@@ -69,6 +78,12 @@ def _add_train_args(p):
     a("--n-embd", type=int, metavar="C", help="(default: the preset's)")
     a("--n-experts", type=int, metavar="E", help="experts per MoE layer, 0 = dense (default: the preset's)")
     a("--top-k", type=int, metavar="K", help="experts per token (default: the preset's)")
+    a(
+        "--capacity-groups",
+        type=int,
+        metavar="G",
+        help="apply the capacity per group of B*T/G tokens, as G ranks do (default: the preset's, 1)",
+    )
     a("--dropout", type=float, metavar="P", help="dropout probability (default: the preset's, 0)")
     a("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
     a("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
@@ -92,6 +107,12 @@ def _add_train_args(p):
         type=int,
         metavar="N",
         help=f"tokens sampled at the end (default {d('sample_tokens')})",
+    )
+    a(
+        "--parallel",
+        choices=PARALLEL,
+        help="under mpiexec: data (every rank holds the whole model) or expert (each rank holds E/P "
+        "experts of each MoE layer; the default when the experts split evenly)",
     )
 
 
@@ -274,7 +295,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except UserError as e:  # the CLI boundary: user mistakes become one line, never a traceback
         sys.stdout.flush()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        if dist.is_rank0():  # under mpiexec every rank has the same error: rank 0 says it once
+            print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. `minimoe sample | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

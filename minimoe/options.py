@@ -67,6 +67,7 @@ def check_choice(name: str, value, choices) -> None:
 # --------------------------------------------------------------------------------- minimoe train
 TOKENIZERS = ("char", "bpe")
 DEVICES = ("cpu", "gpu")
+PARALLEL = ("data", "expert")  # how P ranks share the work (minimoe.dist)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainOptions:
     n_embd: Optional[int] = None
     n_experts: Optional[int] = None
     top_k: Optional[int] = None
+    capacity_groups: Optional[int] = None
     dropout: Optional[float] = None
     lr: Optional[float] = None
     min_lr: Optional[float] = None
@@ -101,6 +103,7 @@ class TrainOptions:
     dtype: Optional[str] = None
     resume: Optional[bool] = None
     sample_tokens: Optional[int] = None
+    parallel: Optional[str] = None  # under MPI: data | expert; None = expert when the experts split evenly
 
 
 # The one place the defaults are written. The fields left out stay None after resolution:
@@ -128,9 +131,21 @@ DEFAULTS = TrainOptions(
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 # The model flags override the preset's Config fields of the same names.
-MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "n_experts", "top_k", "dropout")
+MODEL_FLAGS = (
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_experts",
+    "top_k",
+    "capacity_groups",
+    "dropout",
+)
 # A checkpoint's model is fixed: these may not change when resuming.
 LOCKED_ON_RESUME = ("preset", "tokenizer", "vocab_size", *MODEL_FLAGS, "dtype")
+# Options of one session, not of the run: never taken from the checkpoint being resumed
+# (a run saved by 4 expert-parallel ranks resumes in one process, or on 2 ranks, as data parallel).
+SESSION_ONLY = ("parallel",)
 
 
 def given_options(options) -> dict:
@@ -156,7 +171,7 @@ def resolve_options(given: dict, saved: dict | None = None) -> TrainOptions:
     value than the checkpoint's is an OptionError."""
     merged = dataclasses.asdict(DEFAULTS)
     if saved is not None:
-        saved = {k: v for k, v in saved.items() if k in FIELDS}
+        saved = {k: v for k, v in saved.items() if k in FIELDS and k not in SESSION_ONLY}
         for k in LOCKED_ON_RESUME:
             if k in given and k in saved and given[k] != saved[k]:
                 raise OptionError(
@@ -185,6 +200,8 @@ def check_options(o: TrainOptions) -> None:
     check_choice("tokenizer", o.tokenizer, TOKENIZERS)
     check_choice("device", o.device, DEVICES)
     check_choice("dtype", o.dtype, backend.DTYPES)
+    if o.parallel is not None:
+        check_choice("parallel", o.parallel, PARALLEL)
     check_int("vocab_size", o.vocab_size, lo=256)  # the 256 byte tokens of BPE come first
     for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval"):
         check_int(name, getattr(o, name), lo=1)

@@ -19,6 +19,9 @@ written. Ctrl-C finishes the current step, saves a checkpoint and stops.
 Resuming (`resume=True`) restores parameters, AdamW moments and step count, the DeepSeek bias
 buffers, and the random generators of data sampling and of the model (dropout, router noise),
 so on the CPU a resumed run reproduces the uninterrupted run's losses bit for bit.
+Under an MPI launcher (`mpiexec -n P python -m minimoe train ...`) P ranks train one model, data-
+or expert-parallel, equal to the one-process run on the same global batches: see minimoe.dist
+(`together`: set-up errors, `guard`: abort on a failure, `World.attach`, `reduce_gradients`).
 Around the loop: minimoe.options (the options, their defaults and validation, resume merging),
 minimoe.metrics (what is measured and logged), minimoe.progress (the display) and
 minimoe.signals (the deferred Ctrl-C).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +41,7 @@ from typing import Optional
 
 import numpy as np
 
-from minimoe import backend, checkpoint, data
+from minimoe import backend, checkpoint, data, dist
 from minimoe.metrics import estimate_loss, loss_summary, moe_stats, prepare_metrics_file, unigram_loss
 from minimoe.model import GPT
 from minimoe.optim import AdamW, clip_grad_norm, cosine_lr
@@ -68,11 +72,14 @@ def train(options=None, *, callback=None, quiet: bool = False, stream=None, **ov
     Raises a minimoe.errors.UserError (OptionError, DataError, CheckpointError, BackendError) for
     bad inputs; a Ctrl-C returns normally with summary["interrupted"] = True.
     """
-    o, ckpt = prepare(options, overrides)
+    w = dist.world()  # None in one process
+    with dist.together(w):  # a set-up error on any rank stops every rank
+        o, ckpt = prepare(options, overrides)
+        backend.set_backend("cupy" if o.device == "gpu" else "numpy")
+        run = Run.start(o, ckpt, w)
     stream = stream or sys.stdout
+    quiet = quiet or (w is not None and not w.root)  # rank 0 alone prints
     say = (lambda line: None) if quiet else (lambda line: print(line, file=stream, flush=True))
-    backend.set_backend("cupy" if o.device == "gpu" else "numpy")
-    run = Run.start(o, ckpt)
     say(run.describe(resuming=ckpt is not None))
     if run.step >= o.max_iters:
         say(f"the checkpoint is already at step {run.step} >= --max-iters {o.max_iters}; raise it to go on")
@@ -82,13 +89,15 @@ def train(options=None, *, callback=None, quiet: bool = False, stream=None, **ov
     pending = []  # LM losses (0-d device arrays) since the last log
     t_log, it_log = time.time(), run.step
     in_step = False
+    metrics_path = run.metrics_path if w is None or w.root else os.devnull
     try:
-        with StopRequest() as stop, open(run.metrics_path, "a", encoding="utf-8") as metrics:
+        with StopRequest() as stop, open(metrics_path, "a", encoding="utf-8") as metrics, dist.guard(w), \
+                dist.Watchdog(w) as watchdog:  # fmt: skip
             while run.step < o.max_iters:
                 lr = cosine_lr(run.step, o.lr, o.warmup_iters, o.max_iters, o.min_lr)
-                xb, yb = data.get_batch(run.train_ids, B, T, run.data_rng)
+                xb, yb = data.get_batch(run.train_ids, B, T, run.data_rng)  # the global batch
                 in_step = True
-                pending.append(train_step(run.model, run.optimizer, xb, yb, lr, o.grad_clip))
+                pending.append(train_step(run.model, run.optimizer, xb, yb, lr, o.grad_clip, w))
                 run.step += 1
                 in_step = False
 
@@ -110,9 +119,12 @@ def train(options=None, *, callback=None, quiet: bool = False, stream=None, **ov
                 progress.update(run.step)
                 if callback is not None:
                     callback(run.step, run.model)
-                if stop.requested:
+                watchdog.beat()
+                if stop.requested if w is None else w.any(stop.requested):  # all ranks stop together
                     raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if w is not None and in_step:  # on this rank alone, mid-step: the others cannot follow
+            w.abort(e)
         progress.close()
         run.model.train()  # an interrupted evaluation may have left it in eval mode
         say(run.stop(in_step))
@@ -123,9 +135,10 @@ def train(options=None, *, callback=None, quiet: bool = False, stream=None, **ov
     if run.step > run.start_step:
         say(f"done: {run.step} steps in {format_duration(summary['session_s'])}; train loss "
             f"{summary['train_loss']:.4f}, val loss {summary['val_loss']:.4f} (unigram {run.unigram:.4f})")  # fmt: skip
-    if o.sample_tokens:
+    model = run.model if w is None else w.standalone_model(run.model, o.seed) if o.sample_tokens else None
+    if o.sample_tokens and model is not None:  # on rank 0 alone, from the whole model
         say("--- sample ---")
-        summary["sample"] = sample_text(run.model, run.tokenizer, "", o.sample_tokens, temperature=0.8,
+        summary["sample"] = sample_text(model, run.tokenizer, "", o.sample_tokens, temperature=0.8,
                                         seed=o.seed, stream=None if quiet else stream)  # fmt: skip
         say("")
     return summary
@@ -149,13 +162,16 @@ def prepare(options=None, overrides=None) -> tuple[TrainOptions, Optional[checkp
     return o, ckpt
 
 
-def train_step(model, optimizer, xb, yb, lr: float, grad_clip: float):
+def train_step(model, optimizer, xb, yb, lr: float, grad_clip: float, world=None):
     """One optimizer step on host batch (xb, yb) (B, T); returns the LM loss as a 0-d device array
-    (reading it would force a host/device synchronisation, so the caller decides when)."""
+    (reading it would force a host/device synchronisation, so the caller decides when).
+    world: the dist.World of a P-rank run (xb, yb: the global batch, the same on every rank)."""
     model.forward(xb, yb)  # checks the ids on the host, then moves the batch to the device once
     model.backward()
-    if grad_clip > 0:
-        clip_grad_norm(model.grads, grad_clip)  # global L2 norm of all gradients <= grad_clip
+    if world is not None:
+        world.reduce_gradients(model.grads)  # sum over the ranks: the global batch's gradient
+    if grad_clip > 0:  # global L2 norm of all gradients <= grad_clip
+        (clip_grad_norm if world is None else world.clip_grad_norm)(model.grads, grad_clip)
     optimizer.step(model.grads, lr=lr)
     model.update_router_biases()  # DeepSeek-V3 selection bias; no-op for other routers
     return model.stats["lm_loss"]
@@ -206,24 +222,31 @@ class Run:
     last_val_loss: Optional[float] = None
     best_val_loss: Optional[float] = None
     earlier_s: float = 0.0  # wall time of the sessions before this one
+    world: Optional[dist.World] = None  # the ranks of a P-rank run (None in one process)
     unigram: float = 0.0  # the loss of the best context-free model (the entropy of token frequencies)
     t0: float = dataclasses.field(default_factory=time.time)  # this session's start
 
     @classmethod
-    def start(cls, o: TrainOptions, ckpt=None) -> Run:
-        """A new run from the options, or the checkpoint's run restored exactly."""
+    def start(cls, o: TrainOptions, ckpt=None, world=None) -> Run:
+        """A new run from the options, or the checkpoint's run restored exactly; with a world,
+        this rank's part of it (resumable under any number of ranks)."""
         if ckpt is None:
             config = model_config(o, vocab_size=256)  # judges the model flags before the slow data work
             tokenizer = None
         else:
             config, tokenizer = ckpt.config, checkpoint.load_tokenizer(ckpt)
+        if world is not None:
+            dist.check_layout(o.batch_size, world.size)
+            mode = dist.choose_mode(config, world.size, o.parallel)
         tokenizer, train_ids, val_ids = load_data(o, config.block_size, tokenizer)
         if ckpt is None:
             model = GPT(model_config(o, tokenizer.vocab_size), seed=o.seed, dtype=o.dtype)
         else:
             model = checkpoint.build_model(ckpt, o.dtype)
         optimizer = AdamW(model.params, lr=o.lr, weight_decay=o.weight_decay)
-        run = cls(o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed))
+        run = cls(
+            o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed), world=world
+        )
         run.unigram = unigram_loss(train_ids, model.config.vocab_size)
         if ckpt is not None:
             checkpoint.load_optimizer_state(ckpt, optimizer, model)
@@ -234,8 +257,11 @@ class Run:
                 model.rng = backend.make_rng(o.seed + 1 + run.step, model.xp)
             run.last_train_loss, run.last_val_loss = ts.get("last_train_loss"), ts.get("last_val_loss")
             run.best_val_loss, run.earlier_s = ts.get("best_val_loss"), float(ts.get("elapsed_s", 0.0))
-        run.out.mkdir(parents=True, exist_ok=True)
-        prepare_metrics_file(run.metrics_path, run.step)
+        if world is not None:
+            world.attach(model, optimizer, mode)  # after loading: a checkpoint holds every expert
+        if world is None or world.root:
+            run.out.mkdir(parents=True, exist_ok=True)
+            prepare_metrics_file(run.metrics_path, run.step)
         return run
 
     @property
@@ -264,7 +290,7 @@ class Run:
             f"{counts['total']:,} params, {counts['active']:,} active) on {o.data!r}: {len(self.train_ids):,} "
             f"train / {len(self.val_ids):,} val {o.tokenizer} tokens, vocab {c.vocab_size}; "
             f"unigram loss {self.unigram:.3f}"
-        )
+        ) + ("" if self.world is None else "\n" + self.world.describe(self.model))
 
     def record(self, pending: list, lr: float, tokens_per_s: float) -> dict:
         """The metrics line of this step: the LM losses kept on the device since the last record
@@ -301,7 +327,12 @@ class Run:
             "params": count_params(self.model.config),
         }
         rngs = {"data": self.data_rng, "model": self.model.rng}
-        path = checkpoint.save_checkpoint(self.out, self.model, self.optimizer, self.tokenizer, state, rngs)
+        model, optimizer = self.model, self.optimizer
+        if self.world is not None:  # every rank sends its experts; rank 0 alone writes
+            model, optimizer = self.world.full_state(model, optimizer)
+        path = checkpoint.checkpoint_path(self.out)
+        if model is not None:
+            path = checkpoint.save_checkpoint(self.out, model, optimizer, self.tokenizer, state, rngs)
         self.saved_at = self.step
         return path
 

@@ -1,0 +1,368 @@
+"""One model trained by P processes over MPI (mpi4py): data parallelism and expert parallelism.
+
+    pip install -e ".[dist]"                               # mpi4py and the mpich wheel
+    mpiexec -n 4 python -m minimoe train --preset mixtral  # 4 ranks, 2 of the 8 experts each
+
+Every rank runs the same program with the same options. Without an MPI launcher, without
+mpi4py, or with P = 1, nothing changes. With P > 1 ranks:
+  data    each rank holds the whole model and computes rows [r B/P, (r+1) B/P) of the SAME global
+          batch the one-process run draws (every rank draws it with the same generator). The loss
+          and the routing statistics are those of the global batch (all-reduced in the forward),
+          and each rank's backward gives d(global loss)/d(its activations), so summing the
+          gradients of the replicated parameters over the ranks (`reduce_gradients`) gives the
+          one-process gradient, no 1/P to apply. Clipping uses the global norm; the identical
+          AdamW step on every rank keeps the replicas identical.
+  expert  as data, except that each MoE layer's experts are split: rank r holds experts
+          [r E/P, (r+1) E/P), their weights and AdamW moments only there; tokens travel to their
+          experts and back by all-to-all (layers/exchange.py); expert gradients stay local.
+Rank 0 alone prints, writes metrics and checkpoints: the experts are gathered to it, so a
+checkpoint has the one-process format and resumes under any P.
+
+Failures: an error during set-up on any rank stops every rank with that error (`together`); an
+exception during training prints its error and aborts every rank (`guard`, MPI_Abort); a killed
+rank is noticed by the launcher, which ends the others; a rank that waits longer than
+MINIMOE_DIST_TIMEOUT seconds (default 600) for a peer aborts them all (`Watchdog`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+import time
+import traceback
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+
+from minimoe import backend
+from minimoe.errors import OptionError, UserError
+from minimoe.layers import exchange
+from minimoe.model import GPT
+
+MODES = ("data", "expert")
+# (size, rank) variables that MPI launchers set: Open MPI's mpirun; MPICH's and Intel MPI's
+# hydra mpiexec (and srun --mpi=pmi2); MVAPICH. MINIMOE_MPI=1 forces MPI on, 0 off.
+LAUNCHER_ENV = (
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ("PMI_SIZE", "PMI_RANK"),
+    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"),
+)
+
+
+class DistError(UserError, RuntimeError):
+    """A distributed launch that cannot work: mpi4py missing, or a rank that failed in set-up."""
+
+
+def launched(env=None) -> tuple[int, int]:
+    """(P, rank) from an MPI launcher's environment variables; (1, 0) when none started us."""
+    env = os.environ if env is None else env
+    for size, rank in LAUNCHER_ENV:
+        if env.get(size, "").isdigit():
+            return int(env[size]), int(env.get(rank, "0") or 0)
+    return 1, 0
+
+
+def is_rank0() -> bool:
+    """Whether this process may print: rank 0 of a launch, or a plain process (no MPI needed)."""
+    return launched()[1] == 0
+
+
+_WORLD: dict = {}
+
+
+def world() -> Optional[World]:
+    """This process's MPI world when it was launched as one of P > 1 ranks, else None.
+    mpi4py is imported here, only then; DistError when it is missing."""
+    if "world" in _WORLD:
+        return _WORLD["world"]
+    size, rank = launched()
+    force = os.environ.get("MINIMOE_MPI", "")
+    if force == "0" or (size <= 1 and force != "1"):
+        _WORLD["world"] = None
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DistError(
+            f"minimoe was started by an MPI launcher as {size} ranks, but mpi4py is not installed: "
+            "pip install 'minimoe[dist]' (mpi4py and MPICH), or run without mpiexec"
+        ) from None
+    comm = MPI.COMM_WORLD
+    library = " ".join(MPI.Get_library_version().split()[:3]).rstrip(",")  # e.g. "MPICH Version: 5.0.2"
+    _WORLD["world"] = World(comm, library) if comm.Get_size() > 1 else None
+    return _WORLD["world"]
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library takes device memory (MINIMOE_CUDA_AWARE_MPI=1/0 decides when set;
+    else asked of the loaded library: Open MPI's MPIX_Query_cuda_support or MPICH's
+    MPIX_GPU_query_support). False when it cannot tell."""
+    force = os.environ.get("MINIMOE_CUDA_AWARE_MPI", "")
+    if force in ("0", "1"):
+        return force == "1"
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            libs = sorted({line.split()[-1] for line in f if "libmpi" in line.split()[-1]})
+        for path in libs:
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "MPIX_Query_cuda_support"):
+                return bool(lib.MPIX_Query_cuda_support())
+            if hasattr(lib, "MPIX_GPU_query_support"):
+                out = ctypes.c_int(0)
+                return lib.MPIX_GPU_query_support(0, ctypes.byref(out)) == 0 and bool(out.value)  # 0: CUDA
+    except OSError:
+        pass
+    return False
+
+
+def choose_mode(config, size: int, requested: Optional[str]) -> str:
+    """--parallel: 'expert' for a MoE model whose experts split evenly over the ranks, else
+    'data' (the default); OptionError for an expert layout that cannot work."""
+    E = config.n_experts
+    if requested is None:
+        return "expert" if E and E % size == 0 else "data"
+    if requested == "expert" and not E:
+        raise OptionError("--parallel expert needs a MoE model, but this one is dense; use --parallel data")
+    if requested == "expert" and E % size:
+        divisors = [p for p in range(2, E + 1) if E % p == 0]
+        raise OptionError(
+            f"--parallel expert splits the {E} experts of each MoE layer over the ranks, but {E} is not "
+            f"divisible by {size} ranks: launch {' or '.join(map(str, divisors))} ranks, or use --parallel data"
+        )
+    return requested
+
+
+def check_layout(batch_size: int, size: int) -> None:
+    """OptionError unless the global batch splits evenly over the ranks."""
+    if batch_size % size:
+        raise OptionError(
+            f"--batch-size = {batch_size} cannot be split over {size} ranks: each rank takes B/P rows of "
+            f"the global batch, so it must be a multiple of {size}"
+        )
+
+
+def expert_names(params: dict) -> list:
+    """The names of the routed experts' stacked weights (E, ., .): split over the ranks."""
+    return [n for n in params if ".moe.experts." in n]
+
+
+class World:
+    """The P ranks of this launch (rank 0 prints and saves) and, once `attach`ed, the group that
+    trains the model."""
+
+    def __init__(self, comm, library: str = "MPI"):
+        self.comm, self.library = comm, library
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.group: Optional[exchange.Group] = None
+        self.mode: Optional[str] = None
+        self.sharded: list = []  # the parameter names split over the ranks
+
+    @property
+    def root(self) -> bool:
+        return self.rank == 0
+
+    def attach(self, model: GPT, optimizer, mode: str) -> None:
+        """Make model (and its AdamW) this rank's part of the P-rank model: it computes its rows
+        of every batch, draws random numbers as one process does, and with mode 'expert' keeps
+        only its experts [r E/P, (r+1) E/P) (weights and moments; load a checkpoint first)."""
+        device = backend.is_cupy_array(next(iter(model.params.values())))
+        self.mode = mode
+        self.group = exchange.Group(self.comm, mode == "expert", device and cuda_aware_mpi())
+        model.group = self.group
+        model.rng = exchange.ShardedRng(model.rng, self.group)
+        self.sharded = expert_names(model.params) if mode == "expert" else []
+        for n in self.sharded:
+            El = model.params[n].shape[0] // self.size
+            part = slice(self.rank * El, (self.rank + 1) * El)
+            model.params[n] = model.params[n][part].copy()
+            optimizer.m[n], optimizer.v[n] = optimizer.m[n][part].copy(), optimizer.v[n][part].copy()
+
+    def describe(self, model: GPT) -> str:
+        c, g = model.config, self.group
+        if self.mode == "expert":
+            how = f"expert parallel: {c.n_experts // self.size} of the {c.n_experts} experts of each MoE layer per rank"
+        else:
+            how = "data parallel: every rank holds the whole model"
+        where = "device arrays"
+        if backend.is_cupy_array(next(iter(model.params.values()))):
+            where = (
+                "device buffers (CUDA-aware MPI)"
+                if g.device_buffers
+                else "host buffers (MPI is not CUDA-aware)"
+            )
+        else:
+            where = "host arrays"
+        return (
+            f"distributed over {self.size} ranks ({self.library}), {how}; batch rows split {self.size} ways; "
+            f"MPI exchanges {where}"
+        )
+
+    # ------------------------------------------------------------------ one training step
+    def reduce_gradients(self, grads: dict) -> None:
+        """Sum the gradients of the replicated parameters over the ranks (one all-reduce per
+        dtype); the experts' stay local."""
+        names = [n for n in grads if n not in self.sharded and grads[n] is not None]
+        if not names:
+            return
+        xp = backend.xp_of(grads[names[0]])
+        flat = self.group.allreduce_sum(xp.concatenate([grads[n].reshape(-1) for n in names]))
+        at = 0
+        for n in names:
+            size = grads[n].size
+            grads[n] = flat[at : at + size].reshape(grads[n].shape)
+            at += size
+
+    def clip_grad_norm(self, grads: dict, max_norm: float):
+        """optim.clip_grad_norm for the whole P-rank model: the global L2 norm squares the
+        replicated gradients (the same on every rank) and the all-reduced expert shards."""
+        arrays = [g for g in grads.values() if g is not None]
+        xp = backend.xp_of(arrays[0])
+        rep = sum((g.astype(xp.float64) ** 2).sum() for n, g in grads.items() if n not in self.sharded)
+        total = rep
+        if self.sharded:
+            local = sum((grads[n].astype(xp.float64) ** 2).sum() for n in self.sharded)
+            total = rep + self.group.allreduce_sum(xp.stack([local]))[0]
+        total = xp.sqrt(total)
+        scale = xp.minimum(1.0, max_norm / (total + 1e-6))
+        for g in arrays:
+            g *= scale.astype(g.dtype)
+        return total
+
+    def abort(self, e: BaseException) -> None:
+        """Print this rank's error (with its traceback for a bug) and end every rank with MPI_Abort:
+        the launcher kills the other ranks, and every exit status is non-zero."""
+        sys.stdout.flush()
+        if not isinstance(e, (UserError, KeyboardInterrupt)):
+            traceback.print_exception(type(e), e, e.__traceback__)
+        print(_error_line(self.rank, e) + "; stopping every rank", file=sys.stderr, flush=True)
+        self.comm.Abort(130 if isinstance(e, KeyboardInterrupt) else 2 if isinstance(e, UserError) else 1)
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's flag is set (e.g. a stop request): the same answer on every rank."""
+        return bool(self.comm.allreduce(int(bool(flag))))
+
+    # ------------------------------------------------------------------ checkpoints
+    def gather(self, arrays: dict) -> Optional[dict]:
+        """{name: array}: the expert shards of every rank joined on rank 0 (host arrays), the
+        others as they are; None on the other ranks."""
+        out = {}
+        for n, a in arrays.items():
+            a = backend.to_numpy(a)
+            if n in self.sharded:
+                a = np.ascontiguousarray(a)
+                full = np.empty((self.size * a.shape[0], *a.shape[1:]), dtype=a.dtype) if self.root else None
+                self.comm.Gather(a, full, root=0)
+                a = full
+            out[n] = a
+        return out if self.root else None
+
+    def full_state(self, model: GPT, optimizer):
+        """(model, optimizer) as one process holds them, on rank 0 (stand-ins with the whole
+        experts, in the form save_checkpoint reads); (None, None) on the others."""
+        params = self.gather(model.params)
+        state = optimizer.state_dict()
+        m, v = self.gather(state["m"]), self.gather(state["v"])
+        if not self.root:
+            return None, None
+        full = SimpleNamespace(config=model.config, params=params, buffers=model.buffers)
+        opt = SimpleNamespace(state_dict=lambda: {"t": state["t"], "m": m, "v": v})
+        return full, opt
+
+    def standalone_model(self, model: GPT, seed: int = 0) -> Optional[GPT]:
+        """On rank 0, a one-process GPT equal to the P-rank model (e.g. to sample from); None elsewhere."""
+        params = self.gather(model.params)
+        if not self.root:
+            return None
+        one = GPT(model.config, seed=seed, dtype=model.dtype)
+        for n, a in params.items():
+            one.params[n] = backend.to_device(a, one.xp, one.dtype)
+        for n, a in model.buffers.items():
+            one.buffers[n][...] = a
+        return one.eval()
+
+
+# ---------------------------------------------------------------------------------- failures
+def _error_line(rank: int, e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"error: rank {rank}: {text}"
+
+
+@contextlib.contextmanager
+def together(w: Optional[World]):
+    """Set-up every rank does alike: if it fails on any rank, every rank raises that rank's
+    error (the same UserError, printed once by rank 0, exit status 2); a rank whose own failure
+    is a bug re-raises it with its traceback. Nothing to do in one process."""
+    if w is None:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:
+        error = e
+    kind = 0 if error is None else (1 if isinstance(error, UserError) else 2)
+    reports = w.comm.allgather((kind, "" if error is None else " ".join(str(error).split())))
+    failed = [(r, k, msg) for r, (k, msg) in enumerate(reports) if k]
+    if not failed:
+        return
+    if kind == 2:
+        raise error
+    if kind == 1 and all(msg == failed[0][2] for _, _, msg in failed) and len(failed) == w.size:
+        raise error  # the same mistake everywhere (a bad flag): one line, as in one process
+    r, k, msg = failed[0]
+    raise DistError(f"rank {r} failed during set-up{'' if k == 1 else ' with a bug'}: {msg}")
+
+
+@contextlib.contextmanager
+def guard(w: Optional[World]):
+    """While the ranks must keep in step (the training loop): an exception on this rank prints
+    its error (and traceback, for a bug) on stderr and aborts every rank (`World.abort`).
+    KeyboardInterrupt passes: the loop raises it on every rank at once for an agreed stop.
+    Nothing to do in one process."""
+    if w is None:
+        yield
+        return
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        w.abort(e)
+
+
+class Watchdog:
+    """Aborts every rank when this one has made no progress (`beat`) for `timeout` seconds: a
+    peer that hangs, or died without its launcher noticing, would otherwise leave us waiting
+    inside a collective forever. A daemon thread; MPI_Abort is allowed from any thread."""
+
+    def __init__(self, w: Optional[World], timeout: Optional[float] = None):
+        self.w = w
+        self.timeout = float(os.environ.get("MINIMOE_DIST_TIMEOUT", "600")) if timeout is None else timeout
+        self.last = time.monotonic()
+        self._done = threading.Event()
+        if w is not None:
+            threading.Thread(target=self._watch, daemon=True, name="minimoe-watchdog").start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self):
+        while not self._done.wait(min(1.0, self.timeout / 10)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                print(f"error: rank {self.w.rank}: no progress for {idle:.0f} s (another rank hangs or died); "
+                      "stopping every rank", file=sys.stderr, flush=True)  # fmt: skip
+                self.w.comm.Abort(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -92,7 +92,8 @@ def world() -> Optional[World]:
             "pip install 'minimoe[dist]' (mpi4py and MPICH), or run without mpiexec"
         ) from None
     comm = MPI.COMM_WORLD
-    library = " ".join(MPI.Get_library_version().split()[:3]).rstrip(",")  # e.g. "MPICH Version: 5.0.2"
+    words = [w for w in MPI.Get_library_version().splitlines()[0].split() if w != "Version:"]
+    library = " ".join(words[:3]).rstrip(",")  # e.g. "MPICH 5.0.2", "Open MPI v4.1.5"
     _WORLD["world"] = World(comm, library) if comm.Get_size() > 1 else None
     return _WORLD["world"]
 
@@ -360,6 +361,7 @@ class Watchdog:
                 print(f"error: rank {self.w.rank}: no progress for {idle:.0f} s (another rank hangs or died); "
                       "stopping every rank", file=sys.stderr, flush=True)  # fmt: skip
                 self.w.comm.Abort(1)
+                return
 
     def __enter__(self):
         return self

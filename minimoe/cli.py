@@ -149,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", metavar="NAME", help=f"one of {', '.join(PRESETS)}")
     src.add_argument("--ckpt", metavar="PATH", help="run directory or ckpt.npz")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("the cost of expert parallelism (docs/distributed.md)")
+    g.add_argument("--expert-parallel", type=int, metavar="P", help="the experts spread over P devices")
+    g.add_argument("--tokens", type=int, metavar="T", help="tokens per device per step (default: block_size)")
+    g.add_argument("--bytes", type=int, default=2, metavar="N", help="bytes per activation (default 2: bf16)")
+    hw = info.Hardware()
+    g.add_argument(
+        "--tflops", type=float, default=hw.tflops, help=f"achieved TFLOP/s per device ({hw.tflops:g})"
+    )
+    g.add_argument(
+        "--node-gbs", type=float, default=hw.node_gbs, help=f"GB/s inside a node ({hw.node_gbs:g})"
+    )
+    g.add_argument(
+        "--network-gbs", type=float, default=hw.network_gbs, help=f"GB/s between nodes ({hw.network_gbs:g})"
+    )
+    g.add_argument(
+        "--devices-per-node", type=int, default=hw.devices_per_node, metavar="N", help="(default 8)"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("routes", help="which experts each token of a text goes to")
@@ -236,7 +253,19 @@ def cmd_info(args) -> int:
     else:
         ckpt = load_checkpoint(args.ckpt)
         d = info.info_dict(ckpt.config, info.training_summary(ckpt))
-    print(json.dumps(d, indent=2) if args.json else info.format_info(d, from_preset=args.preset is not None))
+    text = info.format_info(d, from_preset=args.preset is not None)
+    if args.expert_parallel is not None:
+        config = info.Config.from_dict(d["config"])
+        tokens = config.block_size if args.tokens is None else args.tokens
+        check_int("tokens", tokens, lo=1)
+        check_int("bytes", args.bytes, lo=1)
+        check_int("devices_per_node", args.devices_per_node, lo=1)
+        for name in ("tflops", "node_gbs", "network_gbs"):
+            check_number(name, getattr(args, name), strict=True)
+        hw = info.Hardware(args.tflops, args.node_gbs, args.network_gbs, args.devices_per_node)
+        d["expert_parallel"] = info.expert_parallel_cost(config, args.expert_parallel, tokens, args.bytes, hw)
+        text += "\n" + info.format_cost(d["expert_parallel"])
+    print(json.dumps(d, indent=2) if args.json else text)
     return 0
 
 

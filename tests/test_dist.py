@@ -9,7 +9,9 @@ CUDA-aware (fake CuPy); launch detection, layout errors, agreed set-up errors, a
 The same things with real MPI processes are in tests/test_dist_mpi.py.
 """
 
+import json
 import math
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -473,7 +475,7 @@ def test_set_up_errors_stop_every_rank(failures, expect):
         if isinstance(failures.get(r), ZeroDivisionError):
             assert isinstance(e, ZeroDivisionError)  # the bug itself, with its traceback, on its rank
         else:
-            assert isinstance(e, UserError) and __import__("re").search(expect, str(e)), (r, e)
+            assert isinstance(e, UserError) and re.search(expect, str(e)), (r, e)
 
 
 def test_guard_aborts_every_rank_on_an_exception(capsys):
@@ -502,3 +504,44 @@ def test_watchdog_aborts_when_no_step_finishes():
         assert not aborted  # beating in time
         time.sleep(1.0)
     assert aborted == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# the cost model of `minimoe info --expert-parallel`
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cost_model_counts_the_all_to_all_bytes():
+    from minimoe.info import expert_parallel_cost
+    from minimoe.presets import get_preset
+
+    mixtral = get_preset("mixtral-8x7b")  # 32 MoE layers, K = 2, C = 4096, 8 experts
+    d = expert_parallel_cost(mixtral, 8, 4096)
+    assert d["all_to_all_bytes_per_device"] == 4 * 32 * 4096 * 2 * 4096 * 2 * 7 / 8
+    assert d["all_to_all_bytes_between_nodes"] == 0 and d["experts_per_device"] == 1  # one node of 8
+    d16 = expert_parallel_cost(mixtral, 16, 4096)  # each expert on 2 devices, 2 nodes
+    assert d16["experts_per_device"] == 0.5
+    assert d16["all_to_all_bytes_between_nodes"] == pytest.approx(4 * 32 * 4096 * 2 * 4096 * 2 * 8 / 16)
+    # compute and traffic both grow with T: their ratio is the model's
+    small, big = (expert_parallel_cost(mixtral, 16, T) for T in (512, 8192))
+    assert small["all_to_all_over_compute"] == pytest.approx(big["all_to_all_over_compute"])
+    assert small["grad_allreduce_bytes_per_device"] == big["grad_allreduce_bytes_per_device"]
+    with pytest.raises(OptionError, match="--expert-parallel = 3"):
+        expert_parallel_cost(mixtral, 3, 4096)
+    with pytest.raises(OptionError, match="dense"):
+        expert_parallel_cost(get_preset("gpt3-175b"), 8, 4096)
+
+
+def test_info_prints_the_cost_of_expert_parallelism(capsys):
+    from minimoe import cli
+
+    argv = ["info", "--preset", "mixtral-8x7b", "--expert-parallel", "8", "--tokens", "4096"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "expert parallel over 8 devices (1 of the 8 experts" in out
+    assert "= 7.52 GB per device per step" in out and "the matmuls limit" in out
+    assert cli.main([*argv, "--network-gbs", "1", "--node-gbs", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["expert_parallel"]
+    assert d["all_to_all_s"] == pytest.approx(d["all_to_all_bytes_per_device"] / 1e9)
+    assert cli.main([*argv, "--tokens", "0"]) == 2
+    assert "--tokens = 0" in capsys.readouterr().err

@@ -251,7 +251,7 @@ def format_table(r: dict) -> str:
 def run_ranks(args, argv: list):
     """--ranks P: the step on P MPI ranks (ranks.launch starts them; each runs this with
     --as-rank and measures; rank 0 returns the result, the others None)."""
-    if args.as_rank or args.ranks == 1:
+    if args.as_rank:
         return ranks.measure(args, bench_config(args))
     return ranks.launch([a for a in argv], args.ranks, args.threads or 1)
 

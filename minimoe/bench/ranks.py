@@ -52,13 +52,15 @@ def find_mpiexec() -> str:
 
 def launch(argv: list, ranks: int, threads: int) -> dict:
     """Run `minimoe bench ARGV --as-rank` on `ranks` MPI processes (each with `threads` BLAS
-    threads); the result rank 0 prints."""
-    try:
-        import mpi4py  # noqa: F401  (optional: only the workers use it, but fail here, clearly)
-    except ImportError:
-        raise OptionError("--ranks needs mpi4py: pip install 'minimoe[dist]'") from None
+    threads); the result rank 0 prints. One rank is one plain process (no MPI), timed alike."""
+    cmd = [sys.executable, "-m", "minimoe", "bench", *argv, "--as-rank"]
+    if ranks > 1:
+        try:
+            import mpi4py  # noqa: F401  (optional: only the workers use it, but fail here, clearly)
+        except ImportError:
+            raise OptionError("--ranks needs mpi4py: pip install 'minimoe[dist]'") from None
+        cmd = [find_mpiexec(), "-n", str(ranks), *cmd]
     threads_env = {v: str(threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "minimoe", "bench", *argv, "--as-rank"]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **threads_env})
     errors = [line[len("error: ") :] for line in p.stderr.splitlines() if line.startswith("error: ")]
     if p.returncode == 2 and errors:  # the ranks' own one-line error (a bad layout, say)

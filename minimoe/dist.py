@@ -188,15 +188,13 @@ class World:
             how = f"expert parallel: {c.n_experts // self.size} of the {c.n_experts} experts of each MoE layer per rank"
         else:
             how = "data parallel: every rank holds the whole model"
-        where = "device arrays"
+        where = "host arrays"  # numpy: MPI reads the arrays themselves
         if backend.is_cupy_array(next(iter(model.params.values()))):
             where = (
                 "device buffers (CUDA-aware MPI)"
                 if g.device_buffers
                 else "host buffers (MPI is not CUDA-aware)"
             )
-        else:
-            where = "host arrays"
         return (
             f"distributed over {self.size} ranks ({self.library}), {how}; batch rows split {self.size} ways; "
             f"MPI exchanges {where}"
@@ -204,8 +202,8 @@ class World:
 
     # ------------------------------------------------------------------ one training step
     def reduce_gradients(self, grads: dict) -> None:
-        """Sum the gradients of the replicated parameters over the ranks (one all-reduce per
-        dtype); the experts' stay local."""
+        """Sum the gradients of the replicated parameters over the ranks (one all-reduce of
+        them all, packed in one buffer); the experts' stay local."""
         names = [n for n in grads if n not in self.sharded and grads[n] is not None]
         if not names:
             return

@@ -379,6 +379,36 @@ def test_exchange_of_device_arrays(device_buffers, monkeypatch):
         assert seen == {"numpy"} and transfers.get("get", 0) > 0  # staged through the host, explicitly
 
 
+@pytest.mark.parametrize("aware", ["0", "1"])
+def test_training_step_on_device_ranks(aware, monkeypatch, restore_backend):
+    """A whole step on 2 expert-parallel ranks with CuPy arrays: the start-up line says how MPI
+    gets them, everything stays on the device, and the result is the numpy one."""
+    monkeypatch.setenv("MINIMOE_CUDA_AWARE_MPI", aware)
+    c = _tiny()
+    x = np.random.default_rng(0).integers(0, c.vocab_size, (4, c.block_size))
+    y = np.roll(x, -1, axis=1)
+
+    def rank(comm):
+        model = GPT(c, seed=1, dtype="float64")
+        opt = AdamW(model.params)
+        w = dist.World(comm)
+        w.attach(model, opt, "expert")
+        train_step(model, opt, x, y, 1e-2, 0.05, w)
+        on_device = all(backend.is_cupy_array(v) for v in [*model.params.values(), *model.grads.values()])
+        return w.describe(model), on_device, w.full_state(model, opt)[0]
+
+    want = run_ranks(2, rank)[0][2].params  # numpy
+    with fake_cupy.installed() as cp:
+        cp.cuda.get_current_stream = lambda: SimpleNamespace(synchronize=lambda: None)
+        backend.set_backend("cupy")
+        out = run_ranks(2, rank)
+    said = "device buffers (CUDA-aware MPI)" if aware == "1" else "host buffers (MPI is not CUDA-aware)"
+    assert all(said in line for line, _, _ in out)
+    assert all(on_device for _, on_device, _ in out)
+    for k, v in want.items():
+        assert rel_error(out[0][2].params[k], v) < EXACT, k
+
+
 def test_cuda_awareness_can_be_forced(monkeypatch):
     monkeypatch.setenv("MINIMOE_CUDA_AWARE_MPI", "1")
     assert dist.cuda_aware_mpi()

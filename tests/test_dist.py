@@ -302,10 +302,18 @@ def _train(c, P, mode, steps=3, B=4, clip=0.05):
         (dict(), 2, "expert"),
         (dict(dropout=0.2, router="noisy"), 2, "expert"),  # the same random numbers as one process
         (dict(router="sigmoid_bias", n_shared_experts=1, capacity_factor=1.0), 4, "expert"),
+        (dict(router="sigmoid_bias", attention="mla", q_lora_rank=6, kv_lora_rank=5), 2, "expert"),
         (dict(renormalize=False, top_k=1, capacity_factor=1.0), 2, "data"),
         (dict(n_experts=0), 2, "data"),
     ],
-    ids=["mixtral-ep2", "dropout-noisy-ep2", "deepseek-capacity-ep4", "switch-dp2", "dense-dp2"],
+    ids=[
+        "mixtral-ep2",
+        "dropout-noisy-ep2",
+        "deepseek-capacity-ep4",
+        "deepseek-v3-mla-ep2",
+        "switch-dp2",
+        "dense-dp2",
+    ],
 )
 def test_training_steps_on_ranks_equal_one_process(kw, P, mode):
     one, one_losses, ranks = _train(_tiny(**kw), P, mode)

@@ -18,10 +18,9 @@ mpi4py, or with P = 1, nothing changes. With P > 1 ranks:
 Rank 0 alone prints, writes metrics and checkpoints: the experts are gathered to it, so a
 checkpoint has the one-process format and resumes under any P.
 
-Failures: an error during set-up on any rank stops every rank with that error (`together`); an
-exception during training prints its error and aborts every rank (`guard`, MPI_Abort); a killed
-rank is noticed by the launcher, which ends the others; a rank that waits longer than
-MINIMOE_DIST_TIMEOUT seconds (default 600) for a peer aborts them all (`Watchdog`).
+Failures: a set-up error on any rank stops every rank with it (`together`); an exception in
+training aborts every rank (`guard`); the launcher ends the others when one is killed; a rank
+waiting over MINIMOE_DIST_TIMEOUT seconds (default 600) for a peer aborts them all (`Watchdog`).
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ from minimoe.errors import OptionError, UserError
 from minimoe.layers import exchange
 from minimoe.model import GPT
 
-MODES = ("data", "expert")
 # (size, rank) variables that MPI launchers set: Open MPI's mpirun; MPICH's and Intel MPI's
 # hydra mpiexec (and srun --mpi=pmi2); MVAPICH. MINIMOE_MPI=1 forces MPI on, 0 off.
 LAUNCHER_ENV = (
@@ -146,11 +144,6 @@ def check_layout(batch_size: int, size: int) -> None:
         )
 
 
-def expert_names(params: dict) -> list:
-    """The names of the routed experts' stacked weights (E, ., .): split over the ranks."""
-    return [n for n in params if ".moe.experts." in n]
-
-
 class World:
     """The P ranks of this launch (rank 0 prints and saves) and, once `attach`ed, the group that
     trains the model."""
@@ -175,7 +168,8 @@ class World:
         self.group = exchange.Group(self.comm, mode == "expert", device and cuda_aware_mpi())
         model.group = self.group
         model.rng = exchange.ShardedRng(model.rng, self.group)
-        self.sharded = expert_names(model.params) if mode == "expert" else []
+        # the routed experts' stacked weights (E, ., .) are split over the ranks
+        self.sharded = [n for n in model.params if ".moe.experts." in n] if mode == "expert" else []
         for n in self.sharded:
             El = model.params[n].shape[0] // self.size
             part = slice(self.rank * El, (self.rank + 1) * El)
@@ -218,17 +212,16 @@ class World:
     def clip_grad_norm(self, grads: dict, max_norm: float):
         """optim.clip_grad_norm for the whole P-rank model: the global L2 norm squares the
         replicated gradients (the same on every rank) and the all-reduced expert shards."""
-        arrays = [g for g in grads.values() if g is not None]
-        xp = backend.xp_of(arrays[0])
-        rep = sum((g.astype(xp.float64) ** 2).sum() for n, g in grads.items() if n not in self.sharded)
-        total = rep
-        if self.sharded:
-            local = sum((grads[n].astype(xp.float64) ** 2).sum() for n in self.sharded)
-            total = rep + self.group.allreduce_sum(xp.stack([local]))[0]
+        xp = backend.xp_of(next(iter(grads.values())))
+        sq = {n: (g.astype(xp.float64) ** 2).sum() for n, g in grads.items() if g is not None}
+        total = sum(v for n, v in sq.items() if n not in self.sharded)
+        if self.sharded:  # this rank's experts, summed over the ranks
+            total = total + self.group.allreduce_sum(xp.stack([sum(sq[n] for n in self.sharded)]))[0]
         total = xp.sqrt(total)
         scale = xp.minimum(1.0, max_norm / (total + 1e-6))
-        for g in arrays:
-            g *= scale.astype(g.dtype)
+        for g in grads.values():
+            if g is not None:
+                g *= scale.astype(g.dtype)
         return total
 
     def abort(self, e: BaseException) -> None:

@@ -19,9 +19,8 @@ written. Ctrl-C finishes the current step, saves a checkpoint and stops.
 Resuming (`resume=True`) restores parameters, AdamW moments and step count, the DeepSeek bias
 buffers, and the random generators of data sampling and of the model (dropout, router noise),
 so on the CPU a resumed run reproduces the uninterrupted run's losses bit for bit.
-Under an MPI launcher (`mpiexec -n P python -m minimoe train ...`) P ranks train one model, data-
-or expert-parallel, equal to the one-process run on the same global batches: see minimoe.dist
-(`together`: set-up errors, `guard`: abort on a failure, `World.attach`, `reduce_gradients`).
+Under an MPI launcher (`mpiexec -n P python -m minimoe train ...`) P ranks train the model the
+one-process run trains, data- or expert-parallel: see minimoe.dist.
 Around the loop: minimoe.options (the options, their defaults and validation, resume merging),
 minimoe.metrics (what is measured and logged), minimoe.progress (the display) and
 minimoe.signals (the deferred Ctrl-C).
@@ -244,9 +243,8 @@ class Run:
         else:
             model = checkpoint.build_model(ckpt, o.dtype)
         optimizer = AdamW(model.params, lr=o.lr, weight_decay=o.weight_decay)
-        run = cls(
-            o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed), world=world
-        )
+        run = cls(o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed))
+        run.world = world
         run.unigram = unigram_loss(train_ids, model.config.vocab_size)
         if ckpt is not None:
             checkpoint.load_optimizer_state(ckpt, optimizer, model)
@@ -328,13 +326,12 @@ class Run:
         }
         rngs = {"data": self.data_rng, "model": self.model.rng}
         model, optimizer = self.model, self.optimizer
-        if self.world is not None:  # every rank sends its experts; rank 0 alone writes
+        if self.world is not None:  # every rank sends its experts; rank 0 alone writes (None elsewhere)
             model, optimizer = self.world.full_state(model, optimizer)
-        path = checkpoint.checkpoint_path(self.out)
         if model is not None:
-            path = checkpoint.save_checkpoint(self.out, model, optimizer, self.tokenizer, state, rngs)
+            checkpoint.save_checkpoint(self.out, model, optimizer, self.tokenizer, state, rngs)
         self.saved_at = self.step
-        return path
+        return checkpoint.checkpoint_path(self.out)
 
     def stop(self, in_step: bool) -> str:
         """After Ctrl-C: save unless the checkpoint is up to date; the line that says so."""

@@ -58,10 +58,14 @@ def test_all_to_all_is_a_block_transpose(P):
 
     out = run_ranks(P, rank)
     at = np.concatenate([np.zeros((P, 1), int), np.cumsum(n, axis=1)], axis=1)  # block s->d of x_s
+    twin = exchange.all_to_all_forward_reference(xs, n)
     for d in range(P):
         expected = np.concatenate([xs[s][at[s, d] : at[s, d + 1]] for s in range(P)])
         assert np.array_equal(out[d][0], expected)  # y_d = concat_s (block s->d)
+        assert np.array_equal(twin[d], expected)  # the plain twin, all ranks in one process
         assert np.array_equal(out[d][1], xs[d])  # the backward sends every row home
+    back = exchange.all_to_all_backward_reference(twin, n)
+    assert all(np.array_equal(back[s], xs[s]) for s in range(P))
 
 
 def test_all_to_all_gradient_check_across_ranks():

@@ -132,6 +132,23 @@ class Group:
 # ---------------------------------------------------------------------------------------------
 
 
+def all_to_all_forward_reference(xs: list, counts) -> list:
+    """The exchange seen from above, every rank's array in one process (the plain twin of
+    all_to_all_forward, which each rank runs on its own part): xs[s] (M_s, C) with its rows grouped
+    by destination, counts[s, d] rows for rank d -> ys[d] = concat over s of block s->d of xs[s]."""
+    P = len(xs)
+    at = [numpy.concatenate([[0], numpy.cumsum(counts[s])]) for s in range(P)]
+    xp = backend.xp_of(xs[0])
+    return [xp.concatenate([xs[s][at[s][d] : at[s][d + 1]] for s in range(P)]) for d in range(P)]
+
+
+def all_to_all_backward_reference(dys: list, counts) -> list:
+    """dys[d] (R_d, C) -> dxs[s] (M_s, C): the block transpose back. ys[d] holds counts[s, d] rows
+    from each s in order, i.e. it is grouped by destination s with counts.T[d, s] rows: the
+    backward is the forward with the counts transposed."""
+    return all_to_all_forward_reference(dys, numpy.asarray(counts).T)
+
+
 class ExchangeCache(NamedTuple):
     send_rows: tuple  # (P,) rows this rank sent to each rank
     recv_rows: tuple  # (P,) rows it received from each rank

@@ -39,12 +39,12 @@ from minimoe.config import Config
 from minimoe.gradcheck import rel_error
 from minimoe.info import expert_parallel_cost, si
 from minimoe.layers import moe
-from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 from minimoe.ops import balance, experts, router
 from minimoe.presets import get_preset
 from minimoe.train import train
 
 np.set_printoptions(precision=4, suppress=True)
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 
 # %% [markdown]
 # ## 1. P ranks in one process
@@ -114,7 +114,9 @@ for layout in ("P1", "P3_empty", "P4"):
     with case(FN, CASE):
         ys_ = all_to_all_forward(xs_, counts_)
     if not isinstance(ys_, (list, tuple)) or len(ys_) != P_:
-        raise CheckFailed(f"{FN}, case {CASE}: expected a list of {P_} arrays, one per rank, got {type(ys_).__name__}")
+        raise CheckFailed(
+            f"{FN}, case {CASE}: expected a list of {P_} arrays, one per rank, got {type(ys_).__name__}"
+        )
     for d in range(P_):
         check_shape(FN, CASE, f"ys[{d}]", ys_[d], (counts_[:, d].sum(), xs_[0].shape[1]), "f")
         check_close(FN, CASE, f"ys[{d}]", ys_[d], reference("13", f"y_{layout}_{d}"), 0)
@@ -155,7 +157,9 @@ def all_to_all_backward(dys, counts):
 
 # %% check id=all_to_all_backward points=3
 FN = "all_to_all_backward"
-for layout in ("P3_empty", "P4"):
+
+
+def check_all_to_all_backward(layout):
     counts_ = reference("13", f"counts_{layout}")
     P_ = counts_.shape[0]
     xs_ = [reference("13", f"x_{layout}_{s}") for s in range(P_)]
@@ -172,6 +176,10 @@ for layout in ("P3_empty", "P4"):
         if xs_[s].size:
             check_gradient(FN, CASE, loss, xs_[s], dxs_[s], 1e-8, name=f"dxs[{s}]")
         check_close(FN, CASE, f"dxs[{s}]", dxs_[s], reference("13", f"dx_{layout}_{s}"), 0)
+
+
+for layout in ("P3_empty", "P4"):
+    check_all_to_all_backward(layout)
 print("all_to_all_backward is correct")
 
 # %% [markdown]
@@ -246,7 +254,9 @@ def expert_parallel_layer(h, p, P):
         x = h[r * len(h) // P : (r + 1) * len(h) // P].reshape(-1, c.n_embd)
         gates, idx, _ = router.softmax_topk_forward(x @ p["moe.router.w"], K)
         x_sorted, offsets, _, disp = experts.dispatch_forward(x, idx, E)
-        ranks.append(dict(x=x, gates=gates, x_sorted=x_sorted, disp=disp, sent=np.diff(offsets).reshape(P, El)))
+        ranks.append(
+            dict(x=x, gates=gates, x_sorted=x_sorted, disp=disp, sent=np.diff(offsets).reshape(P, El))
+        )
     n = np.stack([rk["sent"].sum(axis=1) for rk in ranks])  # 2. n[s, d]
     received = all_to_all_forward([rk["x_sorted"] for rk in ranks], n)  # 3.
     results = []
@@ -343,7 +353,11 @@ else:
     two, one = checkpoint.load_checkpoint(work / "two"), checkpoint.load_checkpoint(work / "one")
     worst = max(rel_error(two.params[k], one.params[k]) for k in one.params)
     print(f"two processes vs one, after {opts['max_iters']} steps: worst parameter rel error {worst:.1e}")
-    print("experts in the checkpoint:", two.params["blocks.0.moe.experts.w1"].shape[0], "(gathered from both ranks)")
+    print(
+        "experts in the checkpoint:",
+        two.params["blocks.0.moe.experts.w1"].shape[0],
+        "(gathered from both ranks)",
+    )
     assert worst < 1e-12
 
 # %% [markdown]

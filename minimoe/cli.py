@@ -111,8 +111,8 @@ def _add_train_args(p):
     a(
         "--parallel",
         choices=PARALLEL,
-        help="under mpiexec: data (every rank holds the whole model) or expert (each rank holds E/P "
-        "experts of each MoE layer; the default when the experts split evenly)",
+        help="under mpiexec: data (every rank holds the whole model), expert (each rank holds E/P "
+        "experts of each MoE layer) or auto (default: expert when the experts split evenly, else data)",
     )
 
 

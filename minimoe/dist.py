@@ -119,10 +119,10 @@ def cuda_aware_mpi() -> bool:
 
 
 def choose_mode(config, size: int, requested: Optional[str]) -> str:
-    """--parallel: 'expert' for a MoE model whose experts split evenly over the ranks, else
-    'data' (the default); OptionError for an expert layout that cannot work."""
+    """--parallel: 'auto' (or None) is 'expert' for a MoE model whose experts split evenly over
+    the ranks, else 'data'; OptionError for an expert layout that cannot work."""
     E = config.n_experts
-    if requested is None:
+    if requested in (None, "auto"):
         return "expert" if E and E % size == 0 else "data"
     if requested == "expert" and not E:
         raise OptionError("--parallel expert needs a MoE model, but this one is dense; use --parallel data")

@@ -67,7 +67,7 @@ def check_choice(name: str, value, choices) -> None:
 # --------------------------------------------------------------------------------- minimoe train
 TOKENIZERS = ("char", "bpe")
 DEVICES = ("cpu", "gpu")
-PARALLEL = ("data", "expert")  # how P ranks share the work (minimoe.dist)
+PARALLEL = ("auto", "data", "expert")  # how P ranks share the work (minimoe.dist)
 
 
 @dataclass
@@ -103,7 +103,7 @@ class TrainOptions:
     dtype: Optional[str] = None
     resume: Optional[bool] = None
     sample_tokens: Optional[int] = None
-    parallel: Optional[str] = None  # under MPI: data | expert; None = expert when the experts split evenly
+    parallel: Optional[str] = None
 
 
 # The one place the defaults are written. The fields left out stay None after resolution:
@@ -128,6 +128,7 @@ DEFAULTS = TrainOptions(
     dtype="float32",
     resume=False,
     sample_tokens=200,  # printed at the end; 0: none
+    parallel="auto",  # under MPI: expert when the experts split evenly over the ranks, else data
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 # The model flags override the preset's Config fields of the same names.
@@ -200,8 +201,7 @@ def check_options(o: TrainOptions) -> None:
     check_choice("tokenizer", o.tokenizer, TOKENIZERS)
     check_choice("device", o.device, DEVICES)
     check_choice("dtype", o.dtype, backend.DTYPES)
-    if o.parallel is not None:
-        check_choice("parallel", o.parallel, PARALLEL)
+    check_choice("parallel", o.parallel, PARALLEL)
     check_int("vocab_size", o.vocab_size, lo=256)  # the 256 byte tokens of BPE come first
     for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval"):
         check_int(name, getattr(o, name), lo=1)

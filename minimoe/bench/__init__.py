@@ -124,7 +124,7 @@ def build_parser():
         "computation vs communication, and the bytes sent against the formula",
     )
     p.add_argument(
-        "--parallel", choices=PARALLEL, help="with --ranks: data or expert (default: expert for MoE)"
+        "--parallel", choices=PARALLEL, default="auto", help="with --ranks: auto (default), data or expert"
     )
     p.add_argument("--as-rank", action="store_true", help=argparse.SUPPRESS)  # one of the launched ranks
     return p

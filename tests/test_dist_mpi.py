@@ -26,8 +26,10 @@ from minimoe.gradcheck import rel_error
 from minimoe.train import train
 
 pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py: pip install 'minimoe[dist]'")
-MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
-if not Path(MPIEXEC).exists():
+# the launcher beside this Python (the mpich wheel's, matching mpi4py's MPI), else the one on PATH
+MPIEXEC = str(Path(sys.executable).with_name("mpiexec"))
+MPIEXEC = MPIEXEC if Path(MPIEXEC).exists() else shutil.which("mpiexec") or ""
+if not Path(MPIEXEC).is_file():
     pytest.skip(
         "the MPI tests need an mpiexec launcher (pip install 'minimoe[dist]')", allow_module_level=True
     )

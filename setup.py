@@ -13,13 +13,19 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=find_packages(include=["minimoe", "minimoe.*"]),
+    # The built lesson notebooks (lessons/*.ipynb, their .npz reference values and the READMEs) ship
+    # as package data, so `python -m minimoe.lessons copy DIR` works from an installed wheel.
+    packages=find_packages(include=["minimoe", "minimoe.*"]) + ["minimoe.lessons.notebooks"],
+    package_dir={"minimoe.lessons.notebooks": "lessons"},
+    package_data={"minimoe.lessons.notebooks": ["*.ipynb", "*.npz", "*.md"]},
     install_requires=["numpy>=1.24"],
     extras_require={
         # CuPy wheels are built per CUDA major version; pick the one matching your driver.
         "gpu": ["cupy-cuda12x>=13"],
         "gpu-cuda12": ["cupy-cuda12x>=13"],
         "gpu-cuda13": ["cupy-cuda13x>=14"],
+        # Teachers: nbgrader's generate_assignment / autograde on the lesson notebooks.
+        "teach": ["nbgrader>=0.9", "nbclient>=0.7", "nbformat>=5", "ipykernel"],
         "lessons": ["jupyter", "nbclient>=0.7", "nbformat>=5", "ipykernel", "matplotlib>=3.5", "tqdm"],
         "test": [
             "pytest>=7",

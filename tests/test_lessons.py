@@ -512,3 +512,18 @@ def test_student_checks_fail_naming_their_function(runs, stem):
 
 def _meta_or_empty(cell):
     return cell.get("metadata", {}).get("nbgrader", {})
+
+
+def test_setup_cell_finds_the_surrounding_checkout_and_is_quiet(tmp_path):
+    """Run as plain Python (no IPython) from lessons/ with minimoe not importable: the setup cell
+    puts the checkout on sys.path, prints nothing, and does not fail outside IPython."""
+    import subprocess
+    import sys
+
+    code = L.SETUP_SOURCE + "\nimport minimoe\nprint(minimoe.__file__)\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=LESSONS, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "" and Path(out.stdout.strip()) == ROOT / "minimoe" / "__init__.py"

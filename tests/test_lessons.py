@@ -21,6 +21,7 @@ import pytest
 
 from minimoe import lessons as L
 from minimoe.lessons.execute import run_notebook
+from minimoe.lessons.grade import guard_report, learner_functions, with_guard
 from minimoe.lessons.markup import defined_functions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -441,10 +442,10 @@ def runs(tmp_path_factory, request):
     student_dir = tmp_path_factory.mktemp("lessons_student")
     for p in LESSONS.glob("[0-9][0-9]_*.npz"):
         shutil.copy2(p, solution_dir / p.name)
-    for py in LESSON_FILES:  # the solution notebooks without their committed outputs
-        (solution_dir / f"{py.stem}.ipynb").write_text(
-            L.notebook_text(L.expected_notebook(py)), encoding="utf-8"
-        )
+    for py in LESSON_FILES:  # the solution notebooks without outputs, watched by the grader's guard
+        nb = L.expected_notebook(py)
+        nb = with_guard(nb, learner_functions(nb))
+        (solution_dir / f"{py.stem}.ipynb").write_text(L.notebook_text(nb), encoding="utf-8")
     L.write_student(student_dir, LESSONS)
     results = {}
 
@@ -482,6 +483,8 @@ def test_solution_notebook_runs(runs, stem):
     r = runs("solution", stem)
     print(f"{stem}: {r.seconds:.1f} s")
     assert r.stopped is None and not r.errors, f"{stem}.ipynb failed: {r.stopped or r.errors}"
+    used = guard_report(r.nb)  # what the grader would flag: a solution calling the package's own version
+    assert used == {}, f"{stem}: learner functions that call the package function of the same name: {used}"
 
 
 @pytest.mark.parametrize("stem", STEMS)

@@ -107,6 +107,28 @@ def _code_cell(source: str, cell_id: str) -> dict:
     }
 
 
+def learner_functions(nb: dict) -> list[str]:
+    """The functions the learner writes: those defined in the notebook's solution cells."""
+    cells = [c for c in nb["cells"] if _meta(c).get("solution")]
+    return [f for c in cells for f in defined_functions("".join(c["source"]))]
+
+
+def with_guard(nb: dict, functions) -> dict:
+    """The notebook between two extra cells: guard.watch(functions) first, guard.report() last."""
+    watch = f"from minimoe.lessons import guard\nguard.watch({list(functions)!r})"
+    cells = [_code_cell(watch, "guard-watch"), *nb["cells"], _code_cell("guard.report()", "guard-report")]
+    return dict(nb, cells=cells)
+
+
+def guard_report(nb: dict) -> dict:
+    """{learner function: package function it used} from an executed `with_guard` notebook."""
+    for out in nb["cells"][-1].get("outputs", []):
+        for line in "".join(out.get("text", "")).splitlines():
+            if line.startswith(MARKER):
+                return json.loads(line[len(MARKER) :])
+    return {}
+
+
 def _names(source: str) -> set:
     try:
         return {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
@@ -125,26 +147,14 @@ def grade(submission, lessons_dir=None, timeout: int = 300) -> dict:
     nb = _read_notebook(path)
     official_path = find_lesson(nb, path, lessons_dir)
     official = _read_notebook(official_path)
-    functions = [
-        f for c in official["cells"] if _meta(c).get("solution") for f in defined_functions(c["source"])
-    ]
-    graded = graded_notebook(official, nb)
-    watch = f"from minimoe.lessons import guard\nguard.watch({functions!r})"
-    graded["cells"] = [
-        _code_cell(watch, "guard-watch"),
-        *graded["cells"],
-        _code_cell("guard.report()", "guard-report"),
-    ]
+    functions = learner_functions(official)
+    graded = with_guard(graded_notebook(official, nb), functions)
     with tempfile.TemporaryDirectory(prefix="minimoe_grade_") as tmp:
         npz = official_path.with_suffix(".npz")
         if npz.exists():
             shutil.copy2(npz, Path(tmp) / npz.name)
         run = run_notebook(graded, tmp, timeout=timeout, allow_errors=True)
-    used = {}
-    for out in run.nb["cells"][-1].get("outputs", []):
-        for line in "".join(out.get("text", "")).splitlines():
-            if line.startswith(MARKER):
-                used = json.loads(line[len(MARKER) :])
+    used = guard_report(run.nb)
     checks, lesson_nn = [], official_path.name[:2]
     for i, cell in enumerate(run.nb["cells"]):
         meta = _meta(cell)

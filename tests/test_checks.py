@@ -78,7 +78,7 @@ def test_check_shape_names_the_array_and_both_shapes():
 
 def test_check_shape_dtype_and_non_arrays():
     msg = failure(check_shape, FN, CASE, "idx", np.zeros((7, 2)), (7, 2), "iu")
-    assert msg == PREFIX + "idx has dtype float64, expected a integer or unsigned integer dtype"
+    assert msg == PREFIX + "idx has dtype float64, expected an integer or unsigned integer dtype"
     check_shape(FN, CASE, "idx", np.zeros((7, 2), dtype=np.int64), (7, 2), "iu")
     msg = failure(check_shape, FN, CASE, "gates", [[0.5, 0.5]], (1, 2))
     assert msg == PREFIX + "gates is a list of length 1, expected an array of shape (1, 2)"
@@ -118,12 +118,26 @@ def test_check_close_exact_for_integers_and_rtol_zero():
         msg
         == PREFIX + "idx differs from the reference at 2 of 4 entries (first at (1, 0): got 3, expected 2)"
     )
+    assert (
+        failure(check_close, FN, CASE, "M", np.asarray(21), np.asarray(19), 0)
+        == PREFIX + "M is 21, expected 19"
+    )
     mask = np.tril(np.ones((2, 3), bool))
     wrong = mask.copy()
     wrong[0, 1] = True  # one key too many
     msg = failure(check_close, FN, CASE, "mask", wrong, mask, 0)
     assert msg.endswith(
         "mask differs from the reference at 1 of 6 entries (first at (0, 1): got True, expected False)"
+    )
+
+
+def test_check_close_absolute_tolerance_for_zero_values():
+    check_close(FN, CASE, "I", 3e-17, np.asarray(0.0), 1e-12, atol=1e-12)
+    msg = failure(check_close, FN, CASE, "I", 0.25, np.asarray(0.0), 1e-12, atol=1e-12)
+    assert (
+        msg
+        == PREFIX
+        + "I differs from the reference: rel error 1.0e+00, expected < 1e-12 or abs error <= 1e-12 (got 0.25, expected 0)"
     )
 
 

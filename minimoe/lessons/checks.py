@@ -99,16 +99,19 @@ def check_shape(fn: str, case_name: str, name: str, array, shape, dtype_kind: st
         raise _fail(fn, case_name, f"{name} has shape {a.shape}, expected {shape}")
     if dtype_kind is not None and a.dtype.kind not in dtype_kind:
         wanted = " or ".join(_KIND_NAMES.get(k, k) for k in dtype_kind)
-        raise _fail(fn, case_name, f"{name} has dtype {a.dtype}, expected a {wanted} dtype")
+        article = "an" if wanted[0] in "aeiou" else "a"
+        raise _fail(fn, case_name, f"{name} has dtype {a.dtype}, expected {article} {wanted} dtype")
 
 
 def _index(flat_i: int, shape) -> str:
     return str(tuple(int(i) for i in numpy.unravel_index(flat_i, shape))) if shape else "()"
 
 
-def check_close(fn: str, case_name: str, name: str, got, expected, rtol: float) -> None:
+def check_close(fn: str, case_name: str, name: str, got, expected, rtol: float, *, atol: float = 0.0) -> None:
     """`got` must equal `expected` to a max-norm relative error below `rtol` (rtol=0: exactly,
-    the right test for integer indices, masks and counts). Shapes are compared first."""
+    the right test for integer indices, masks and counts), or, with `atol`, to an absolute error of
+    at most `atol` (for values that should be 0, where a relative error means nothing). Shapes are
+    compared first."""
     exp = _as_host(expected)
     if exp is None:
         raise TypeError(
@@ -118,6 +121,8 @@ def check_close(fn: str, case_name: str, name: str, got, expected, rtol: float) 
     g = _as_host(got)
     if rtol == 0 or exp.dtype.kind in "biu":
         wrong = numpy.flatnonzero(g.reshape(-1) != exp.reshape(-1))
+        if wrong.size and exp.ndim == 0:
+            raise _fail(fn, case_name, f"{name} is {g[()]}, expected {exp[()]}")
         if wrong.size:
             i = int(wrong[0])
             raise _fail(
@@ -133,13 +138,16 @@ def check_close(fn: str, case_name: str, name: str, got, expected, rtol: float) 
         n_bad = int((~numpy.isfinite(g)).sum())
         raise _fail(fn, case_name, f"{name} has {n_bad} non-finite entries (nan or inf) of {g.size}")
     err = rel_error(g, exp)
-    if not err < rtol:
-        i = int(numpy.abs(g.astype(numpy.float64) - exp).reshape(-1).argmax())
+    diff = numpy.abs(g.astype(numpy.float64) - exp).reshape(-1)
+    if not (err < rtol or (atol > 0 and diff.max(initial=0.0) <= atol)):
+        i = int(diff.argmax())
+        where = "" if exp.ndim == 0 else f"worst at {_index(i, exp.shape)}: "
+        size = f"expected < {rtol:.0e}" + (f" or abs error <= {atol:.0e}" if atol > 0 else "")
         raise _fail(
             fn,
             case_name,
-            f"{name} differs from the reference: rel error {err:.1e}, expected < {rtol:.0e} "
-            f"(worst at {_index(i, exp.shape)}: got {g.reshape(-1)[i]:.6g}, expected {exp.reshape(-1)[i]:.6g})",
+            f"{name} differs from the reference: rel error {err:.1e}, {size} "
+            f"({where}got {g.reshape(-1)[i]:.6g}, expected {exp.reshape(-1)[i]:.6g})",
         )
 
 

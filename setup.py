@@ -14,7 +14,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     # The built lesson notebooks (lessons/*.ipynb, their .npz reference values and the READMEs) ship
-    # as package data, so `python -m minimoe.lessons copy DIR` works from an installed wheel.
+    # as package data (the .py sources come along as the package's modules), so that
+    # `python -m minimoe.lessons copy DIR` and `... student DIR` work from an installed wheel.
     packages=find_packages(include=["minimoe", "minimoe.*"]) + ["minimoe.lessons.notebooks"],
     package_dir={"minimoe.lessons.notebooks": "lessons"},
     package_data={"minimoe.lessons.notebooks": ["*.ipynb", "*.npz", "*.md"]},

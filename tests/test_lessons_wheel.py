@@ -123,3 +123,14 @@ def test_copy_and_run_lesson_00_outside_the_checkout(installed):
     assert last.startswith("MINIMOE_FROM") and Path(last.split()[1]).resolve().is_relative_to(
         purelib.resolve()
     )
+
+
+def test_student_handouts_from_the_installed_sources(installed):
+    python, env, work, _ = installed
+    out = _run([str(python), "-m", "minimoe.lessons", "student", "handout"], work, env)
+    sources = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
+    assert f"wrote {len(sources)} handout(s)" in out
+    for py in sources:
+        text = (work / "handout" / py.name).read_text(encoding="utf-8")
+        assert "### BEGIN SOLUTION" not in text and "raise NotImplementedError" in text
+        assert (work / "handout" / f"{py.stem}.ipynb").exists()

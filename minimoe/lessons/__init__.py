@@ -9,6 +9,7 @@ describes the cell headers and regions). From the repository root:
         exit 1 if a notebook's cells differ from its source or an .npz is out of date (CI)
     python -m minimoe.lessons student OUTDIR [--lessons DIR]
         handouts: solution regions stubbed, hidden tests removed, no outputs, .npz beside them
+        (from ./lessons, else from the lesson sources installed with the package)
     python -m minimoe.lessons copy DIR [--force]
         the lesson notebooks and .npz files shipped with the installed package, into DIR
     python -m minimoe.lessons grade SUBMISSION.ipynb [--json] [--lessons DIR]
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from minimoe.lessons.build import (
     build,
@@ -73,8 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     p_grade.add_argument("submission", help="the learner's .ipynb")
     p_grade.add_argument("--json", action="store_true", help="print the report as JSON")
     p_grade.add_argument("--timeout", type=int, default=300, help="seconds per cell (default: 300)")
-    for p in (p_build, p_check, p_student):
+    for p in (p_build, p_check):
         p.add_argument("--lessons", default="lessons", help="the lessons directory (default: lessons)")
+    p_student.add_argument(
+        "--lessons", default=None, help="the lesson sources (default: ./lessons, else the installed ones)"
+    )
     for p in (p_copy, p_grade):
         p.add_argument(
             "--lessons", default=None, help="take the lessons from DIR (default: the installed ones)"
@@ -91,10 +96,12 @@ def main(argv=None) -> int:
                 print(f"wrote {path}")
             print(f"{len(lesson_files(args.lessons))} lesson(s), {len(changed)} file(s) changed")
         elif args.command == "student":
-            written = write_student(args.outdir, args.lessons)
-            print(
-                f"wrote {len(lesson_files(args.lessons))} handout(s) ({len(written)} files) to {args.outdir}"
+            dirs = ("lessons", *notebook_dirs())
+            sources = args.lessons or next(
+                (d for d in dirs if any(Path(d).glob("[0-9][0-9]_*.py"))), "lessons"
             )
+            written = write_student(args.outdir, sources)
+            print(f"wrote {len(lesson_files(sources))} handout(s) ({len(written)} files) to {args.outdir}")
         elif args.command == "copy":
             written = copy_lessons(args.outdir, args.lessons, force=args.force)
             print(f"copied {sum(p.suffix == '.ipynb' for p in written)} lesson notebook(s) to {args.outdir}")

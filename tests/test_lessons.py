@@ -5,8 +5,11 @@ Every lessons/NN_slug.py is picked up automatically. For each lesson:
     the source (outputs may differ run to run), the notebook was executed, and every cell that
     calls plt.show() carries its figure as an inline PNG;
   - the solution notebook executes without error (nbclient + ipykernel, MPLBACKEND=Agg);
-  - in the handout every graded check fails with CheckFailed naming a learner function, "not
-    written yet" (never a bare NotImplementedError traceback).
+  - in the handout (run up to its last check, every cell even after an error) every graded check
+    fails with CheckFailed naming its function, "not written yet" (never a bare
+    NotImplementedError traceback);
+  - the solution never calls the package's own function of the same name as a learner function
+    (the grader's guard watches the solution run).
 Each lesson's wall time is printed at the end of the session and written to lesson_times.json in
 pytest's base temp dir; it is reported, never asserted.
 """
@@ -447,6 +450,13 @@ def runs(tmp_path_factory, request):
         nb = with_guard(nb, learner_functions(nb))
         (solution_dir / f"{py.stem}.ipynb").write_text(L.notebook_text(nb), encoding="utf-8")
     L.write_student(student_dir, LESSONS)
+    for py in LESSON_FILES:  # the handout up to its last check: what follows is not graded
+        path = student_dir / f"{py.stem}.ipynb"
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        last = max(
+            (i for i, c in enumerate(nb["cells"]) if _meta_or_empty(c).get("grade")), default=len(nb["cells"])
+        )
+        path.write_text(L.notebook_text(dict(nb, cells=nb["cells"][: last + 1])), encoding="utf-8")
     results = {}
 
     def run(kind, stem):

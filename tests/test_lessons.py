@@ -545,3 +545,23 @@ def test_setup_cell_finds_the_surrounding_checkout_and_is_quiet(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stderr == "" and Path(out.stdout.strip()) == ROOT / "minimoe" / "__init__.py"
+
+
+def test_teaching_notes_list_every_graded_check_with_its_points():
+    """lessons/TEACHING.md's table of lessons gives each lesson's checks and points as built."""
+    import re
+
+    rows = {}
+    for line in (LESSONS / "TEACHING.md").read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\| (\d\d) \|[^|]*\|([^|]*)\|\s*(\d+) \|", line)
+        if m:
+            rows[m.group(1)] = (dict(re.findall(r"`(\w+)` \((\d+)\)", m.group(2))), int(m.group(3)))
+    for py in LESSON_FILES:
+        checks = {
+            c.check_id: str(c.points)
+            for c in L.parse_cells(py.read_text(encoding="utf-8"))
+            if c.role == "check"
+        }
+        assert rows.get(py.stem[:2]) == (checks, sum(map(int, checks.values()))), (
+            f"TEACHING.md's row for {py.stem}"
+        )

@@ -222,3 +222,14 @@ def test_unknown_lesson_is_one_error_line(course, tmp_path, capsys):
     path.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     assert L.main(["grade", str(path), "--lessons", str(course)]) == 2
     assert "cannot tell which lesson" in capsys.readouterr().err
+
+
+def test_a_learner_cell_that_never_ends_is_interrupted(course, tmp_path):
+    def edit(nb):
+        _answer(nb, "rel_error", RIGHT_REL)
+        _solution_cell(nb, "double")["source"] = "while True:\n    pass"
+
+    report = L.grade(_submit(course, tmp_path, "loop.ipynb", edit), lessons_dir=course, timeout=5)
+    rel, dbl = report["checks"]
+    assert rel["passed"] and not dbl["passed"] and report["score"] == 2
+    assert dbl["message"] == "double, case x=x: raised NameError: name 'double' is not defined"

@@ -5,6 +5,7 @@ counts (presets.count_params) and, for a checkpoint, how far its training got. A
 
 from __future__ import annotations
 
+from minimoe.checkpoint import best_checkpoint
 from minimoe.presets import count_params
 
 
@@ -34,6 +35,8 @@ def training_summary(ckpt) -> dict:
         "train_loss": ts.get("last_train_loss"),
         "val_loss": ts.get("last_val_loss"),
         "best_val_loss": ts.get("best_val_loss"),
+        "best_step": ts.get("best_step"),
+        "best_checkpoint": None if best_checkpoint(ckpt) is None else str(best_checkpoint(ckpt)),
         "tokens_seen": ts.get("tokens_seen"),
         "wall_time_s": ts.get("elapsed_s"),
         "data": opts.get("data"),
@@ -75,8 +78,13 @@ def format_info(info: dict, from_preset: bool) -> str:
             f"tokenizer), {f(tr['tokens_seen'], '{:,}')} tokens seen, "
             f"wall time {f(tr['wall_time_s'], '{:.1f}')} s"
         )
-        lines.append(
-            f"  last train loss {f(tr['train_loss'])}, last val loss {f(tr['val_loss'])}, "
-            f"best val loss {f(tr['best_val_loss'])}"
-        )
+        best = f"best val loss {f(tr['best_val_loss'])}"
+        if tr.get("best_step") is not None:  # say where the best weights are, or that they are gone
+            kept = (
+                f"kept in {tr['best_checkpoint']}"
+                if tr.get("best_checkpoint")
+                else "weights not kept: --keep-best keeps them"
+            )
+            best += f" (step {tr['best_step']}, {kept})"
+        lines.append(f"  last train loss {f(tr['train_loss'])}, last val loss {f(tr['val_loss'])}, {best}")
     return "\n".join(lines)

@@ -274,9 +274,11 @@ def check_contents(ckpt: Checkpoint, where: str) -> None:
     filecheck.check_float_arrays(where, "parameter", ckpt.params)
     filecheck.check_float_arrays(where, "buffer", ckpt.buffers)
     if ckpt.optimizer is not None:
-        filecheck.check_float_arrays(
-            where, "optimizer moment", {**ckpt.optimizer["m"], **ckpt.optimizer["v"]}
-        )
+        filecheck.check_float_arrays(where, "optimizer first moment", ckpt.optimizer["m"])
+        filecheck.check_float_arrays(where, "optimizer second moment", ckpt.optimizer["v"])
+        negative = [k for k, v in ckpt.optimizer["v"].items() if (v < 0).any()]
+        if negative:  # a mean of squared gradients: sqrt(v) of a negative one would be NaN
+            raise CheckpointError(f"{where}: optimizer second moment {negative[0]!r} holds negative values")
     filecheck.check_train_state(ckpt.train_state, where)
     for name, state in ckpt.rng.items():
         filecheck.check_rng_state(state, where, name)
@@ -287,12 +289,13 @@ def check_contents(ckpt: Checkpoint, where: str) -> None:
             f"{where} mixes parameter dtypes {sorted(dtypes)} (its run used {opts.get('dtype')!r})"
         )
     blocks = {int(m.group(1)) for m in map(re.compile(r"blocks\.(\d+)\.").match, ckpt.params) if m}
-    if blocks != set(range(c.n_layer)):
+    if len(blocks) != c.n_layer or (blocks and max(blocks) != c.n_layer - 1):  # blocks 0 .. n_layer - 1
         raise CheckpointError(
             f"{where} has weights of {len(blocks)} blocks but its config says n_layer = {c.n_layer}"
         )
     mismatched = [k for k in MODEL_FLAGS if opts.get(k) is not None and opts[k] != getattr(c, k)]
-    if opts.get("preset") in PRESETS and c.name in PRESETS and opts["preset"] != c.name:
+    preset = opts.get("preset")
+    if isinstance(preset, str) and preset in PRESETS and c.name in PRESETS and preset != c.name:
         mismatched.insert(0, "preset")
     if mismatched:
         k = mismatched[0]
@@ -340,6 +343,21 @@ def build_model(ckpt: Checkpoint, dtype: str | None = None):
     for name, value in ckpt.buffers.items():
         model.buffers[name][...] = backend.to_device(value, model.xp, model.dtype)
     return model
+
+
+def check_resumable(ckpt: Checkpoint) -> None:
+    """CheckpointError unless the checkpoint holds what resuming its run needs: the optimizer's
+    state, the step count and options of the run, and the data generator's state."""
+    ts = ckpt.train_state
+    missing = [] if filecheck.is_int(ts.get("iteration")) else ["step count (train_state 'iteration')"]
+    missing += [] if isinstance(ts.get("options"), dict) else ["options (train_state 'options')"]
+    missing += [] if ckpt.rng.get("data") else ["state of the data generator (rng 'data')"]
+    if ckpt.optimizer is None:
+        missing.insert(0, "optimizer state")
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt.path)!r} holds no {missing[0]}, so its run cannot be resumed"
+        )
 
 
 def load_optimizer_state(ckpt: Checkpoint, optimizer, model):

@@ -86,7 +86,7 @@ def read_text_file(path: str | os.PathLike, max_bytes: int = MAX_DATA_BYTES) -> 
     if p.is_dir():
         raise DataError(f"{str(p)!r} is a directory, not a file; pass the path of a UTF-8 text file")
     too_big = (
-        f"{str(p)!r} is larger than the data size limit of {max_bytes / 2**20:g} MB; raise the limit "
+        f"{str(p)!r} is larger than the data size limit of {max_bytes / 2**20:.4g} MB; raise the limit "
         "(--max-data-mb) if this machine has the memory, or use a smaller file"
     )
     if p.is_file() and p.stat().st_size > max_bytes:

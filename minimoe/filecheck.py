@@ -52,8 +52,10 @@ def parse_json(text, where: str, error=CheckpointError):
         raise error(f"{where} is not valid JSON ({why})") from None
 
 
-def read_json_file(path, where: str, error=CheckpointError, max_bytes: int = MAX_JSON_BYTES):
-    """The parsed JSON of a file of at most max_bytes bytes (a longer file is refused unread)."""
+def read_json_file(path, where: str, error=CheckpointError, max_bytes: int | None = None):
+    """The parsed JSON of a file of at most max_bytes (default MAX_JSON_BYTES) bytes; a longer
+    file is refused after reading max_bytes + 1 bytes."""
+    max_bytes = MAX_JSON_BYTES if max_bytes is None else max_bytes
     with open(path, "rb") as f:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
@@ -169,19 +171,21 @@ def check_rng_state(state, where: str, name: str) -> None:
 
 def check_train_state(ts: dict, where: str) -> None:
     """The fields of a checkpoint's train_state that a resume or `info` reads: right types."""
-    counts = ("iteration", "tokens_seen", "seed", "best_step")
+    counts = ("iteration", "tokens_seen", "seed", "best_step", "pending_skipped")
     losses = ("best_val_loss", "last_val_loss", "last_train_loss")
     for key in counts:
         v = ts.get(key)
         if v is not None and not (is_int(v) and v >= 0):
             raise CheckpointError(f"{where}: train_state[{key!r}] = {v!r} must be an integer >= 0")
-    for key in (*losses, "elapsed_s"):
+    for key in (*losses, "elapsed_s"):  # cross-entropy losses and times are never negative
         v = ts.get(key)
-        if v is not None and not is_number(v):
-            raise CheckpointError(f"{where}: train_state[{key!r}] = {v!r} must be a finite number or null")
+        if v is not None and not (is_number(v) and v >= 0):
+            raise CheckpointError(
+                f"{where}: train_state[{key!r}] = {v!r} must be a finite number >= 0 or null"
+            )
     pending = ts.get("pending_losses", [])
-    if not (isinstance(pending, list) and all(is_number(x) for x in pending)):
-        raise CheckpointError(f"{where}: train_state['pending_losses'] must be a list of finite numbers")
+    if not (isinstance(pending, list) and all(is_number(x) and x >= 0 for x in pending)):
+        raise CheckpointError(f"{where}: train_state['pending_losses'] must be a list of finite losses >= 0")
     expect_object(ts.get("options", {}), f"{where}: train_state['options']")
 
 

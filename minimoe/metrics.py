@@ -92,9 +92,7 @@ class MetricsLog:
         if start > 0:
             self._rewrite(lambda step: step <= start)
         elif aside:
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.name + ".", suffix=".tmp")
-            os.close(fd)
-            self.pending = Path(tmp)
+            self.pending = _temp_beside(self.path)
         self.file = open(self.pending or self.path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
@@ -124,9 +122,9 @@ class MetricsLog:
         """Atomically keep only the records whose step passes keep(step), read line by line."""
         if not self.path.exists():
             return
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.name + ".", suffix=".tmp")
+        tmp = _temp_beside(self.path)
         try:
-            with open(self.path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            with open(self.path, "rb") as src, open(tmp, "wb") as dst:
                 for line in src:
                     if keep(_step_of(line)):
                         dst.write(line.rstrip(b"\r\n") + b"\n")
@@ -134,6 +132,17 @@ class MetricsLog:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _temp_beside(path: Path) -> Path:
+    """A new empty file .NAME.<random>.tmp beside path, with the usual permissions (not mkstemp's
+    private ones: it will replace path)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    return Path(tmp)
 
 
 def _step_of(line: bytes) -> float:

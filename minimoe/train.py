@@ -97,7 +97,9 @@ def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
     progress = Progress(o.max_iters, run.step, stream, enabled=not quiet)
     t_log, it_log = time.time(), run.step
     in_step = False
-    with StopRequest() as stop, run.open_metrics() as metrics:
+    # NaN/inf are reported by the run's guard in one line each: numpy's warnings would repeat them
+    quiet_fp = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+    with StopRequest() as stop, run.open_metrics() as metrics, quiet_fp:
         if run.cleaned:
             say(run.cleaned)
         try:
@@ -168,6 +170,7 @@ def prepare(options=None, overrides=None) -> tuple[TrainOptions, Optional[checkp
                 "train without --resume first, or point --out at the run's directory"
             )
         ckpt = checkpoint.load_checkpoint(out)
+        checkpoint.check_resumable(ckpt)
     o = resolve_options(given, saved=None if ckpt is None else ckpt.train_state.get("options", {}))
     check_options(o)
     config = ckpt.config if ckpt else model_config(o, o.vocab_size if o.tokenizer == "bpe" else 256)

@@ -15,7 +15,7 @@ Text is stored as 0-d unicode arrays (np.array("...")): NumPy saves those withou
 The file is written to a temporary file in the same directory and moved into place with
 os.replace, which is atomic: a reader sees the old checkpoint or the new one, never half of one,
 and a failed write leaves the old checkpoint untouched. A process killed during a save leaves its
-temporary file (.ckpt.npz.*.tmp); `remove_temp_files` deletes them (training does, under its lock).
+temporary file (.ckpt.npz.*.tmp); training removes them (minimoe.rundir, under its lock).
 
 Both directions are checked (minimoe.filecheck): a model whose parameters hold NaN/inf is never
 written; a file is read only after its .npy headers were judged (no pickles, no sizes its bytes do
@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ from minimoe.tokenizer import tokenizer_from_dict
 
 FORMAT = "minimoe-checkpoint-1"
 FILENAME = "ckpt.npz"
-BEST_FILENAME = "best.npz"  # the checkpoint of the best validation loss (train --keep-best)
 
 
 class NonFiniteError(CheckpointError):
@@ -156,55 +154,6 @@ def check_writable(dest, arrays: dict) -> None:
         filecheck.check_float_arrays(f"refusing to write {str(dest)!r}", "entry", floats, NonFiniteError)
     except NonFiniteError as e:
         raise NonFiniteError(f"{e}; the file on disk is kept") from None
-
-
-def temp_files(directory) -> list:
-    """The temporary files that interrupted saves of ckpt.npz / best.npz / metrics.jsonl left in
-    `directory` (named .NAME.<random>.tmp by tempfile.mkstemp)."""
-    names = "|".join(re.escape(n) for n in (FILENAME, BEST_FILENAME, "metrics.jsonl"))
-    pattern = re.compile(rf"\.({names})\.[^/]+\.tmp")
-    d = Path(directory)
-    return sorted(p for p in d.iterdir() if pattern.fullmatch(p.name) and p.is_file()) if d.is_dir() else []
-
-
-def remove_temp_files(directory) -> list:
-    """Delete temp_files(directory); returns their paths. Only safe while no other process saves
-    there (training holds the directory's run lock)."""
-    found = temp_files(directory)
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
-
-
-def copy_checkpoint(src, dest) -> Path:
-    """Copy a checkpoint file atomically (a temporary file, then os.replace), e.g. to best.npz."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
-            shutil.copyfileobj(s, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def best_checkpoint(ckpt: Checkpoint) -> Path | None:
-    """The best.npz beside a checkpoint when it holds the step its train_state calls best (a
-    best.npz of an earlier run in the same directory does not count); else None."""
-    best, step = ckpt.path.parent / BEST_FILENAME, ckpt.train_state.get("best_step")
-    if step is None or not best.is_file():
-        return None
-    try:
-        with np.load(best, allow_pickle=False) as z:
-            state = json.loads(str(z["train_state"][()]))
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError):
-        return None
-    return best if isinstance(state, dict) and state.get("iteration") == step else None
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -374,6 +323,7 @@ def load_tokenizer(ckpt: Checkpoint):
     """The checkpoint's tokenizer object, or a CheckpointError when it has none."""
     if not ckpt.tokenizer:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds no tokenizer")
+    filecheck.check_tokenizer_dict(ckpt.tokenizer, f"checkpoint {str(ckpt.path)!r}")
     try:
         tok = tokenizer_from_dict(ckpt.tokenizer)
         tok.decode(range(tok.vocab_size))  # every id must decode (e.g. chars must be strings)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import zipfile
 
 import numpy
@@ -189,7 +188,36 @@ def check_train_state(ts: dict, where: str) -> None:
     expect_object(ts.get("options", {}), f"{where}: train_state['options']")
 
 
-def file_size(path) -> int | None:
-    """The size of a regular file; None for a pipe or device, whose size is unknown until read."""
-    st = os.stat(path)
-    return st.st_size if os.path.isfile(path) else None
+MAX_TOKEN_BYTES = 4096  # far longer than any token BPE learns from text
+
+
+def check_tokenizer_dict(d: dict, where: str) -> None:
+    """A saved 'char' or 'bpe' tokenizer is checked before it is built (other kinds are left to
+    their own from_dict): characters must be strings, merges pairs of existing ids, and no merged
+    token longer than MAX_TOKEN_BYTES (merging a token with itself 60 times would make one of
+    2^60 bytes)."""
+    kind_ = d.get("type")
+    if kind_ == "char" and not (
+        isinstance(d.get("chars"), list) and all(isinstance(c, str) for c in d["chars"])
+    ):
+        raise CheckpointError(f"{where}: the char tokenizer's 'chars' must be a list of strings")
+    if kind_ != "bpe":
+        return
+    merges, lengths = d.get("merges"), [1] * 256
+    if not isinstance(merges, list):
+        raise CheckpointError(f"{where}: the BPE tokenizer's 'merges' must be a list of id pairs")
+    for k, pair in enumerate(merges):
+        ok = (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(is_int(i) and 0 <= i < len(lengths) for i in pair)
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{where}: BPE merge {k} is {pair!r}; it must be two ids of tokens made before it"
+            )
+        lengths.append(lengths[pair[0]] + lengths[pair[1]])
+        if lengths[-1] > MAX_TOKEN_BYTES:
+            raise CheckpointError(
+                f"{where}: BPE merge {k} makes a token of {lengths[-1]} bytes; no text tokenizer does"
+            )

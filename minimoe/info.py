@@ -5,8 +5,8 @@ counts (presets.count_params) and, for a checkpoint, how far its training got. A
 
 from __future__ import annotations
 
-from minimoe.checkpoint import best_checkpoint
 from minimoe.presets import count_params
+from minimoe.rundir import best_checkpoint
 
 
 def human(n: float) -> str:
@@ -29,6 +29,7 @@ def training_summary(ckpt) -> dict:
     """How far the checkpoint's run got: steps, losses, tokens, wall time, data and tokenizer."""
     ts = ckpt.train_state
     opts = ts.get("options", {})
+    best = best_checkpoint(ckpt)  # OUT/best.npz when it holds this run's best step (train --keep-best)
     return {
         "iterations": ts.get("iteration"),
         "max_iters": opts.get("max_iters"),
@@ -36,7 +37,7 @@ def training_summary(ckpt) -> dict:
         "val_loss": ts.get("last_val_loss"),
         "best_val_loss": ts.get("best_val_loss"),
         "best_step": ts.get("best_step"),
-        "best_checkpoint": None if best_checkpoint(ckpt) is None else str(best_checkpoint(ckpt)),
+        "best_checkpoint": best and str(best),
         "tokens_seen": ts.get("tokens_seen"),
         "wall_time_s": ts.get("elapsed_s"),
         "data": opts.get("data"),

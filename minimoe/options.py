@@ -205,7 +205,7 @@ def check_options(o: TrainOptions) -> None:
 
 
 def check_run_guards(o: TrainOptions) -> None:
-    """The options of the run's guards (minimoe.guards, minimoe.runlock), and the types of the
+    """The options of the run's guards (minimoe.guards, minimoe.rundir), and the types of the
     options that name things (a checkpoint's saved options are read from a file)."""
     for name in ("data", "out"):
         check(

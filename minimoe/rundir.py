@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
+import tempfile
 import time
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from minimoe import checkpoint
 from minimoe.errors import UserError
@@ -34,6 +40,7 @@ except ImportError:  # Windows
 
 LOCK_FILENAME = "run.lock"
 METRICS_FILENAME = "metrics.jsonl"
+BEST_FILENAME = "best.npz"  # the checkpoint of the best validation loss (train --keep-best)
 
 
 class RunLockError(UserError):
@@ -188,12 +195,67 @@ class RunLock:
 
 
 # ------------------------------------------------------------------------- the files of a run
+def temp_files(directory) -> list:
+    """The temporary files that interrupted saves of ckpt.npz / best.npz / metrics.jsonl left in
+    `directory` (named .NAME.<random>.tmp by tempfile.mkstemp)."""
+    names = "|".join(re.escape(n) for n in (checkpoint.FILENAME, BEST_FILENAME, METRICS_FILENAME))
+    pattern = re.compile(rf"\.({names})\.[^/]+\.tmp")
+    d = Path(directory)
+    return sorted(p for p in d.iterdir() if pattern.fullmatch(p.name) and p.is_file()) if d.is_dir() else []
+
+
+def remove_temp_files(directory) -> list:
+    """Delete temp_files(directory); returns their paths. Only safe while no other process saves
+    there (training holds the directory's run lock)."""
+    found = temp_files(directory)
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def copy_checkpoint(src, dest) -> Path:
+    """Copy a checkpoint file atomically (a temporary file, then os.replace), e.g. to best.npz."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~checkpoint._umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def best_checkpoint(ckpt: checkpoint.Checkpoint) -> Path | None:
+    """The best.npz beside a checkpoint when it holds the step and validation loss its train_state
+    calls best (a best.npz of an earlier run in the same directory does not count); else None."""
+    best, step = ckpt.path.parent / BEST_FILENAME, ckpt.train_state.get("best_step")
+    if step is None or not best.is_file():
+        return None
+    try:
+        with np.load(best, allow_pickle=False) as z:
+            state = json.loads(str(z["train_state"][()]))
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError):
+        return None
+    ts = ckpt.train_state
+    mine = (
+        isinstance(state, dict)
+        and state.get("iteration") == step
+        and state.get("last_val_loss") == ts.get("best_val_loss")
+    )
+    return best if mine else None
+
+
 def open_metrics(out, step: int) -> tuple[MetricsLog, str | None]:
     """(OUT/metrics.jsonl for a run starting at `step`, a note on what was cleaned up), once the
     temporary files of killed saves are removed. A new run where a run already is writes its
     records beside the old ones until its first checkpoint (see MetricsLog). Call under the lock."""
     out = Path(out)
-    removed = checkpoint.remove_temp_files(out)
+    removed = remove_temp_files(out)
     note = (
         f"removed {len(removed)} temporary file(s) left in {str(out)!r} by interrupted saves"
         if removed
@@ -208,5 +270,5 @@ def after_save(out, path, metrics: MetricsLog, best: bool) -> None:
     also copied to OUT/best.npz; temporary files left there are removed. Call under the lock."""
     metrics.commit()
     if best:
-        checkpoint.copy_checkpoint(path, Path(out) / checkpoint.BEST_FILENAME)
-    checkpoint.remove_temp_files(out)
+        copy_checkpoint(path, Path(out) / BEST_FILENAME)
+    remove_temp_files(out)

@@ -16,7 +16,7 @@ interval (on a GPU every copy is a synchronisation). Every `eval_interval` steps
 the model is evaluated on the held-out split (the last 10% of the text) and OUT/ckpt.npz is
 written. Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and stops.
 
-What keeps a user's work safe is in docs/guarantees.md: one run per directory (minimoe.runlock),
+What keeps a user's work safe is in docs/guarantees.md: one run per directory (minimoe.rundir),
 non-finite steps skipped and a diverged run stopped unsaved (minimoe.guards), metrics.jsonl kept
 consistent with ckpt.npz and no temporary file left behind (minimoe.rundir).
 

@@ -118,6 +118,11 @@ def write_arrays(path, arrays, pickle=False):
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
+def leftovers(out) -> list:
+    """The temporary files of saves in a run directory (.ckpt.npz.<random>.tmp and the like)."""
+    return sorted(Path(out).glob(".*.tmp"))
+
+
 def text(obj) -> np.ndarray:
     return np.array(json.dumps(obj))
 
@@ -201,6 +206,20 @@ def test_a_loss_far_above_chance_is_warned_about(corpus, tmp_path):
     assert "warning:" not in calm.getvalue()
 
 
+def test_keep_best_keeps_the_file_info_names(corpus, tmp_path, capsys):
+    out = tmp_path / "best"
+    train(dict(TINY, data=corpus, out=str(out), max_iters=6, eval_interval=2, keep_best=True), quiet=True)
+    ts = checkpoint.load_checkpoint(out).train_state
+    best = checkpoint.load_checkpoint(out / "best.npz").train_state
+    assert (best["iteration"], best["last_val_loss"]) == (ts["best_step"], ts["best_val_loss"])
+    rc, text, _ = run_cli(capsys, "info", "--ckpt", out)
+    assert rc == 0 and f"(step {ts['best_step']}, kept in {out / 'best.npz'})" in text
+    # a new run without --keep-best: info does not point at the old run's best.npz
+    train(dict(TINY, data=corpus, out=str(out), max_iters=4, eval_interval=2, seed=1), quiet=True)
+    rc, text, _ = run_cli(capsys, "info", "--ckpt", out)
+    assert rc == 0 and "weights not kept: --keep-best keeps them" in text
+
+
 # --------------------------------------------------------------------------------- 3: SIGTERM
 @POSIX
 def test_sigterm_saves_and_exits_143(corpus, tmp_path):
@@ -273,7 +292,7 @@ def test_kill_9_during_a_save_leaves_temp_files_the_next_run_removes(base, tmp_p
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        seen.append(checkpoint.temp_files(out))
+        seen.append(leftovers(out))
         assert len(seen[-1]) == 1 and seen[-1][0].name.startswith(".ckpt.npz.")
         assert (out / "ckpt.npz").read_bytes() == good and (
             out / "run.lock"
@@ -468,6 +487,14 @@ def crafted_cases(seed=0):
         edit_json("tokenizer", lambda o: o.update(chars=list(range(len(o["chars"]))))),
     )
     on_arrays("tokenizer one char short", edit_json("tokenizer", lambda o: o.update(chars=o["chars"][:-1])))
+    doubling = [[97, 97]] + [[256 + i, 256 + i] for i in range(int(rng.integers(40, 64)))]
+    on_arrays(
+        "tokenizer merges that double a token",
+        set_entry("tokenizer", text({"type": "bpe", "merges": doubling})),
+    )
+    on_arrays(
+        "tokenizer merge of a future id", set_entry("tokenizer", text({"type": "bpe", "merges": [[97, 300]]}))
+    )
     on_arrays("tokenizer of another kind", edit_json("tokenizer", lambda o: o.update(type="sentencepiece")))
     # the optimizer's step count
     for t in (np.array([1, 2]), np.array(-3), np.array(2.5), np.array(True), np.array("7")):
@@ -693,6 +720,12 @@ def hf_cases(seed=0):
     config("config.json not JSON", lambda c: "{model_type: gpt2")
     config("config.json nested 100000 deep", lambda c: "[" * 100000 + "]" * 100000)
     cases.append(("config.json over the size limit", "huge"))
+    # tokenizer.json (read by the optional tokenizers package)
+    for label, content in [("a list", "[1, 2]"), ("not JSON", "{model"), ("an empty object", "{}"),
+                           ("a model of numbers", '{"model": 5}'), ("nested 100000 deep", "[" * 100000 + "]" * 100000)]:  # fmt: skip
+        cases.append(
+            (f"tokenizer.json {label}", lambda folder, c=content: (folder / "tokenizer.json").write_text(c))
+        )
     return cases
 
 
@@ -703,6 +736,8 @@ HF_CASES = hf_cases()
 def test_crafted_hf_folder(hf_folder, tmp_path, capsys, monkeypatch, label, craft):
     folder = tmp_path / "hf"
     shutil.copytree(hf_folder, folder)
+    if label.startswith("tokenizer.json"):
+        pytest.importorskip("tokenizers", reason="tokenizer.json is read by the optional tokenizers package")
     if craft == "huge":  # a config.json larger than any real one (the limit lowered to keep the test small)
         from minimoe import filecheck
 

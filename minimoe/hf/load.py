@@ -149,7 +149,18 @@ def load_tokenizer(path: str, hf_config: dict | None = None):
         return None
     eos = (hf_config or {}).get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    return HFTokenizer(tokenizers.Tokenizer.from_file(file), eos)
+    expect_object(read_json_file(file, file), file)  # bounded, and an object, before the parser sees it
+    try:
+        tok = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # the tokenizers package raises a plain Exception for a file it cannot parse
+        raise CheckpointError(
+            f"{file} is not a tokenizer the tokenizers package can read ({_one_line(e)})"
+        ) from None
+    return HFTokenizer(tok, eos)
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 def load_pretrained(path: str, dtype: str = "float32", training: bool = False):

@@ -120,23 +120,24 @@ def weights_bytes(c, dtype: str, copies: int = 1) -> int:
 
 
 def activation_bytes(c, batch_size: int, dtype: str) -> int:
-    """Bytes that one training step keeps for its backward, at least (B batch, T block size,
-    N = B T tokens): per block the attention probabilities (B, H, T, T) and their gradient, about
-    ten (N, C) arrays, and the feed-forward's hidden (N, 3F) (MoE: (N, K (3F + C)) and (N, E)
-    router arrays); then the logits, probabilities and their gradient (N, V) three times."""
+    """Bytes that one training step keeps for its backward, counting only the largest arrays (B
+    batch, T block size, N = B T tokens): per block the attention probabilities (B, H, T, T),
+    about ten (N, C) arrays and the feed-forward's hidden (N, 3F) (MoE: (N, K (3F + C)) and (N, E)
+    router arrays); the gradient of one block's probabilities; the logits, their probabilities and
+    their gradient (N, V)."""
     B, T, C = batch_size, c.block_size, c.n_embd
-    N = B * T
+    N, scores = B * T, batch_size * c.n_head * c.block_size**2
     ffn = N * 3 * c.ffn_hidden
     if c.n_experts:
         ffn = max(ffn, N * c.top_k * (3 * c.expert_hidden + C) + 2 * N * c.n_experts)
-    per_layer = 2 * B * c.n_head * T * T + 10 * N * C + ffn
-    return numpy.dtype(dtype).itemsize * (c.n_layer * per_layer + 3 * N * c.vocab_size)
+    per_layer = scores + 10 * N * C + ffn
+    return numpy.dtype(dtype).itemsize * (c.n_layer * per_layer + scores + 3 * N * c.vocab_size)
 
 
 def training_bytes(c, batch_size: int, dtype: str) -> tuple[int, int]:
-    """(weights, activations): parameters, gradients, AdamW's two moments and its scratch buffer
-    (5 copies), and activation_bytes."""
-    return weights_bytes(c, dtype, copies=5), activation_bytes(c, batch_size, dtype)
+    """(weights, activations): parameters, gradients and AdamW's two moments (4 copies), and
+    activation_bytes. Both count less than training allocates, never more."""
+    return weights_bytes(c, dtype, copies=4), activation_bytes(c, batch_size, dtype)
 
 
 def memory_limit() -> int | None:

@@ -222,7 +222,9 @@ def copy_checkpoint(src, dest) -> Path:
             shutil.copyfileobj(s, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~checkpoint._umask())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; use the usual mode
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -239,8 +241,8 @@ def best_checkpoint(ckpt: checkpoint.Checkpoint) -> Path | None:
     try:
         with np.load(best, allow_pickle=False) as z:
             state = json.loads(str(z["train_state"][()]))
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError):
-        return None
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError, RecursionError):
+        return None  # not a checkpoint of ours: it names nothing
     ts = ckpt.train_state
     mine = (
         isinstance(state, dict)

@@ -37,11 +37,6 @@ def global_norm(grads: dict):
     return xp.sqrt(sum((g.astype(xp.float64) ** 2).sum() for g in arrays))
 
 
-def nonfinite(arrays: dict) -> list:
-    """The names of the arrays that hold a NaN or an infinity (host or device arrays)."""
-    return [name for name, a in arrays.items() if not bool(backend.xp_of(a).isfinite(a).all())]
-
-
 class DivergenceGuard:
     """Counts steps whose loss or gradient norm is not finite; see the module docstring.
 

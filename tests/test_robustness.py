@@ -220,6 +220,40 @@ def test_keep_best_keeps_the_file_info_names(corpus, tmp_path, capsys):
     assert rc == 0 and "weights not kept: --keep-best keeps them" in text
 
 
+def test_the_divergence_check_costs_one_host_copy_per_step_on_a_gpu():
+    """On (a numpy-backed fake) CuPy: the check adds exactly one device -> host copy to a step, and
+    a non-finite step leaves the parameters and AdamW's step count untouched."""
+    fake_cupy = pytest.importorskip("fake_cupy", reason="tests/fake_cupy.py stands in for CuPy")
+    from minimoe import backend, guards
+    from minimoe.optim import AdamW
+    from minimoe.train import train_step
+
+    name, dtype = backend.get_backend(), backend.get_default_dtype()
+    try:
+        with fake_cupy.installed():
+            backend.set_backend("cupy")
+            model = GPT(
+                Config(flavour="llama", vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0
+            )
+            opt, guard = AdamW(model.params, lr=1e-3), guards.DivergenceGuard(3, 13)
+            x = np.random.default_rng(0).integers(0, 13, (2, 8))
+            counts = []
+            for g in (None, guard, None, guard):  # the first two warm up scratch buffers
+                fake_cupy.transfers.clear()
+                train_step(model, opt, x, x, 1e-3, 1.0, g)
+                counts.append(sum(fake_cupy.transfers.values()))
+            assert counts[3] == counts[2] + 1
+            before = {k: backend.to_numpy(v).copy() for k, v in model.params.items()}
+            t = opt.t
+            model.params["wte"][0, 0] = float("nan")  # a poisoned weight: loss and gradients go NaN
+            assert train_step(model, opt, x, x, 1e-3, 1.0, guard) is None and opt.t == t
+            after = {k: backend.to_numpy(v) for k, v in model.params.items()}
+            assert all(np.array_equal(before[k], after[k]) for k in before if k != "wte")
+    finally:
+        backend.set_backend(name)
+        backend.set_default_dtype(dtype)
+
+
 # --------------------------------------------------------------------------------- 3: SIGTERM
 @POSIX
 def test_sigterm_saves_and_exits_143(corpus, tmp_path):

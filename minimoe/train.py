@@ -127,9 +127,7 @@ def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
                     if warning:
                         progress.write(warning)
                     if evaluate:
-                        path = run.save()
-                        progress.write(f"step {run.step}: train loss {run.last_train_loss or math.nan:.4f}, "
-                                       f"val loss {rec['val_loss']:.4f}; saved {path}")  # fmt: skip
+                        progress.write(run.checkpoint_line(rec["val_loss"]))  # saves, unless unsound
                     t_log, it_log = time.time(), run.step
                 progress.update(run.step)
                 if callback is not None:
@@ -369,6 +367,18 @@ class Run:
         after_save(self.out, path, self.metrics, best=self.o.keep_best and self.best_step == self.step)
         return path
 
+    def unsound(self, val: float = 0.0) -> Optional[str]:
+        """Why the model must not replace the checkpoint on disk now (None: it may)."""
+        if self.guard.in_row:
+            return "its last step had a non-finite loss or gradient"
+        return None if math.isfinite(val) else f"its validation loss is {val}"
+
+    def checkpoint_line(self, val: float) -> str:
+        """At an evaluation: save unless the model is unsound; the line that says which."""
+        head = f"step {self.step}: train loss {self.last_train_loss or math.nan:.4f}, val loss {val:.4f}"
+        why = self.unsound(val)
+        return f"{head}; not saved: {why}; {self.kept()}" if why else f"{head}; saved {self.save()}"
+
     def kept(self) -> str:
         """Which checkpoint the run leaves, when it stops without saving."""
         if self.saved_at is None:
@@ -381,11 +391,14 @@ class Run:
         if in_step:  # only a second Ctrl-C lands inside a step: the weights are half updated
             return f"{what} in the middle of step {self.step + 1}; {self.kept()}"
         if self.saved_at != self.step:
-            try:
-                path = self.save()
-            except Diverged:
-                return f"{what} at step {self.step}: the weights are not finite, so nothing was saved; {self.kept()}"
-            return f"{what} at step {self.step}: checkpoint saved to {path}; continue with --resume --out {self.out}"
+            why = self.unsound()
+            if why is None:
+                try:
+                    path = self.save()
+                    return f"{what} at step {self.step}: checkpoint saved to {path}; continue with --resume --out {self.out}"
+                except Diverged:
+                    why = "its weights are not finite"
+            return f"{what} at step {self.step}: nothing was saved ({why}); {self.kept()}"
         return f"{what} at step {self.step}: checkpoint {checkpoint.checkpoint_path(self.out)} is up to date"
 
     def diverged(self, e: Diverged) -> str:

@@ -181,8 +181,9 @@ def load_checkpoint(path) -> Checkpoint:
     fmt = filecheck.text_entry(data, "format", where, raw=True)
     if fmt != FORMAT:
         raise CheckpointError(f"{where} has format {fmt!r}; this version of minimoe reads {FORMAT!r}")
+    config = filecheck.expect_object(filecheck.text_entry(data, "config", where), f"{where} config")
     try:
-        config = Config.from_dict(filecheck.expect_object(filecheck.text_entry(data, "config", where), where))
+        config = Config.from_dict(config)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where} holds an invalid model config ({e})") from None
 

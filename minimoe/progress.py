@@ -72,10 +72,9 @@ class Progress:
         if not self.enabled:
             return
         loss, speed = rec["train_loss_avg"], rec["tokens_per_s"] / 1000
-        loss = "n/a" if loss is None else f"{loss:.4f}"  # None: every step since the last was skipped
-        self.status = f"loss {loss} | {speed:.1f}k tok/s"
+        self.status = f"loss {loss:.4f} | {speed:.1f}k tok/s"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss}, {speed:.1f}k tok/s")
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {speed:.1f}k tok/s")
         elif not self.tty:
             self.write(self._line(rec["step"]))
 

@@ -122,7 +122,8 @@ def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
                     if evaluate:
                         rec["val_loss"] = run.evaluate()
                     metrics.write(rec)
-                    progress.log(rec)
+                    if rec["train_loss_avg"] is not None:  # None: every step since the last was skipped
+                        progress.log(rec)
                     warning = run.guard.loss_warning(rec)
                     if warning:
                         progress.write(warning)

@@ -209,15 +209,20 @@ class World:
             grads[n] = flat[at : at + size].reshape(grads[n].shape)
             at += size
 
-    def clip_grad_norm(self, grads: dict, max_norm: float):
-        """optim.clip_grad_norm for the whole P-rank model: the global L2 norm squares the
-        replicated gradients (the same on every rank) and the all-reduced expert shards."""
+    def grad_norm(self, grads: dict):
+        """The global L2 norm of the P-rank model's gradients (0-d float64, the same on every
+        rank): the replicated gradients (the same on every rank) and the all-reduced expert shards."""
         xp = backend.xp_of(next(iter(grads.values())))
         sq = {n: (g.astype(xp.float64) ** 2).sum() for n, g in grads.items() if g is not None}
         total = sum(v for n, v in sq.items() if n not in self.sharded)
         if self.sharded:  # this rank's experts, summed over the ranks
             total = total + self.group.allreduce_sum(xp.stack([sum(sq[n] for n in self.sharded)]))[0]
-        total = xp.sqrt(total)
+        return xp.sqrt(total)
+
+    def clip_grad_norm(self, grads: dict, max_norm: float):
+        """optim.clip_grad_norm for the whole P-rank model, by its global norm (`grad_norm`)."""
+        total = self.grad_norm(grads)
+        xp = backend.xp_of(total)
         scale = xp.minimum(1.0, max_norm / (total + 1e-6))
         for g in grads.values():
             if g is not None:
@@ -310,20 +315,39 @@ def together(w: Optional[World]):
 
 
 @contextlib.contextmanager
-def guard(w: Optional[World]):
+def guard(w: Optional[World], agreed=(KeyboardInterrupt,)):
     """While the ranks must keep in step (the training loop): an exception on this rank prints
     its error (and traceback, for a bug) on stderr and aborts every rank (`World.abort`).
-    KeyboardInterrupt passes: the loop raises it on every rank at once for an agreed stop.
-    Nothing to do in one process."""
+    The `agreed` exceptions pass: every rank raises them at the same step (a stop they agreed
+    on, a divergence they all see). Nothing to do in one process."""
     if w is None:
         yield
         return
     try:
         yield
-    except KeyboardInterrupt:
+    except agreed:
         raise
     except BaseException as e:
         w.abort(e)
+
+
+class NoMetrics:
+    """The metrics file of the ranks other than 0, which write none (rundir.MetricsLog's methods)."""
+
+    def write(self, rec: dict) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 class Watchdog:

@@ -279,7 +279,7 @@ def _train(c, P, mode, steps=3, B=4, clip=0.05):
     def steps_of(model, opt, world=None):
         losses = []
         for x, y in batches:
-            losses.append(float(train_step(model, opt, x, y, 1e-2, clip, world)))
+            losses.append(float(train_step(model, opt, x, y, 1e-2, clip, world=world)))
             model.update_router_biases()
         return losses
 
@@ -405,7 +405,7 @@ def test_training_step_on_device_ranks(aware, monkeypatch, restore_backend):
         opt = AdamW(model.params)
         w = dist.World(comm)
         w.attach(model, opt, "expert")
-        train_step(model, opt, x, y, 1e-2, 0.05, w)
+        train_step(model, opt, x, y, 1e-2, 0.05, world=w)
         on_device = all(backend.is_cupy_array(v) for v in [*model.params.values(), *model.grads.values()])
         return w.describe(model), on_device, w.full_state(model, opt)[0]
 

@@ -237,21 +237,44 @@ def test_bench_ranks_measures_the_all_to_all_bytes(tmp_path):
     assert r["comm_ms"] > 0 and r["compute_ms"] > 0
 
 
-def test_interrupt_saves_once_for_every_rank(corpus, tmp_path):
-    """Ctrl-C at mpiexec reaches every rank: they stop at the same step and rank 0 saves."""
-    spec = tmp_path / "spec.json"
-    spec.write_text(
-        json.dumps([options(corpus, tmp_path, "mixtral", max_iters=100000, eval_interval=100000)])
-    )
+def cli_flags(corpus, out, **kw):
+    o = {**TINY, "data": corpus, "out": str(out), "preset": "mixtral", **kw}
+    return [f"--{k.replace('_', '-')}={v}" for k, v in o.items()]
+
+
+@pytest.mark.parametrize(
+    "sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_a_signal_stops_every_rank_and_rank_0_saves(sig, status, corpus, tmp_path):
+    """Ctrl-C or SIGTERM at mpiexec reaches every rank: they stop at the same step, rank 0 saves
+    once and releases the run lock (which it alone holds: another run is refused meanwhile)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
-    p = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, WORKER, "train", spec], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    flags = cli_flags(corpus, tmp_path, max_iters=100000, eval_interval=100000, log_interval=1)
+    p = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "minimoe", "train", *flags], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 60
     while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    assert (tmp_path / "run.lock").exists()
+    from minimoe.rundir import RunLockError
+
+    with pytest.raises(RunLockError, match="in use by another run"):
+        train({**TINY, "data": corpus, "out": str(tmp_path), "preset": "mixtral"}, quiet=True)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == status, err
+    assert out.count("checkpoint saved to") == 1, out[-2000:]
     ckpt = checkpoint.load_checkpoint(tmp_path)
-    assert ckpt.train_state["iteration"] > 0
-    assert ckpt.params["blocks.0.moe.experts.w1"].shape[0] == 8
+    assert ckpt.train_state["iteration"] > 0 and ckpt.params["blocks.0.moe.experts.w1"].shape[0] == 8
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_divergence_stops_every_rank_without_saving(corpus, tmp_path):
+    """--lr 1e30: the global loss becomes NaN on every rank at once, so every rank skips the
+    same steps and stops together (exit status 3), and nothing broken is saved."""
+    flags = cli_flags(corpus, tmp_path, lr=1e30, warmup_iters=0, max_iters=30, eval_interval=5)
+    rc, out, err, _ = mpirun(2, "-m", "minimoe", "train", *flags)
+    assert rc == 3, err
+    assert out.count("not finite, update skipped") == 2 and out.count("stopped at step 4") == 1, out
+    assert not (tmp_path / "ckpt.npz").exists() and not (tmp_path / "run.lock").exists()

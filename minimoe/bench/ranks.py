@@ -111,7 +111,7 @@ def _time_steps(args, config, model, opt, w, mode) -> dict:
             w.group.reset_traffic()
             w.comm.Barrier()
         t0 = time.perf_counter()
-        train_step(model, opt, x, y, 1e-3, 1.0, w)
+        train_step(model, opt, x, y, 1e-3, 1.0, world=w)
         t = time.perf_counter() - t0
         if i < args.warmup:
             continue

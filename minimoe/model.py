@@ -183,7 +183,7 @@ class GPT:
         """
         c, p, xp = self.config, self.params, self.xp
         self._check_idx(idx)  # on the host when idx comes from the host (no device sync)
-        if self.group is not None:  # this rank's share of the global batch (dist.py)
+        if self.group is not None:  # this rank's share of the global batch (minimoe.dist)
             idx = self.group.local_rows(idx)
             targets = None if targets is None else self.group.local_rows(targets)
         if not backend.is_cupy_array(idx) and xp is not numpy:

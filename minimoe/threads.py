@@ -13,7 +13,7 @@ back: with two busy neighbours on a 2-core machine the laptop-size training step
 
 The rule (`choose`):
     cores   = the CPUs this process may run on (os.sched_getaffinity), capped by a cgroup CPU
-              quota (a container's --cpus)
+              quota (a container's --cpus), divided among the P ranks of an MPI launch
     busy    = how much of those CPUs other programs use right now: /proc/stat sampled over
               0.2 s (Linux). Not the load average: it lags by a minute, and it still counts a
               run of ours that just ended. Elsewhere the 1-minute load average, or 0.
@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from minimoe import backend
+from minimoe import backend, dist
 from minimoe.config import Config
 from minimoe.ops import parallel
 
@@ -167,7 +167,8 @@ def choose(config: Optional[Config] = None, tokens: Optional[int] = None, interv
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) >= 1:
             return split_threads(int(value), config, tokens, source=var)
-    cores, size = cpu_cores(), _size(config, tokens)
+    # P ranks of an MPI launch (all on this machine, as far as we can tell) share its cores
+    cores, size = max(1, cpu_cores() // dist.launched()[0]), _size(config, tokens)
     if cores == 1 or size == "tiny" or (size == "small" and not config.n_experts):
         return Threads(1, 1, 1, "auto", cores, 0.0)  # one thread whatever the load: no need to look
     busy = min(float(cores), busy_cores(interval))

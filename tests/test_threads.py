@@ -189,3 +189,13 @@ def test_bench_takes_the_threads_and_a_flavour(capsys):
     assert r["threads_chosen"].startswith("threads 2 (--threads)")
     assert bench.main(["--preset", "dense", "--flavour", "gpt3", *tiny]) == 2
     assert "--flavour = 'gpt3' is invalid" in capsys.readouterr().err
+
+
+def test_the_ranks_of_an_mpi_launch_share_the_cores(monkeypatch, no_env):
+    monkeypatch.setattr(threads, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_cores", lambda interval=0.2: 0.0)
+    assert threads.choose(get_preset("dense"), LAPTOP).threads == 4
+    monkeypatch.setenv("PMI_SIZE", "2")
+    assert threads.choose(get_preset("dense"), LAPTOP).threads == 2
+    monkeypatch.setenv("PMI_SIZE", "8")
+    assert threads.choose(get_preset("dense"), LAPTOP).threads == 1

@@ -107,13 +107,33 @@ def test_parallel_run_keeps_the_order_and_uses_other_threads():
     assert parallel.run([lambda: threading.current_thread().name]) == [threading.current_thread().name]
 
 
-def test_parallel_split_shares_rows_evenly_in_contiguous_groups():
-    assert parallel.split([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
-    assert parallel.split([5, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
-    assert parallel.split([0, 0, 7, 0], 3) == [[0, 1, 2], [3]]
-    assert parallel.split([3, 3, 3], 1) == [[0, 1, 2]]
-    groups = parallel.split(list(range(1, 9)), 3)
-    assert sum(groups, []) == list(range(8)) and len(groups) == 3
+def test_parallel_run_never_waits_for_a_helper_that_does_not_start(monkeypatch):
+    class Stalled:  # a pool whose threads never get a core: the caller must do every task
+        def __init__(self):
+            self.submitted = []
+
+        def submit(self, fn):
+            self.submitted.append(fn)
+
+    stalled = Stalled()
+    monkeypatch.setattr(parallel, "_pool", lambda threads: stalled)
+    parallel.set_workers(4)
+    assert parallel.run([lambda i=i: i * i for i in range(6)]) == [0, 1, 4, 9, 16, 25]
+    assert len(stalled.submitted) == 3
+    for late in stalled.submitted:  # a helper that starts after all: finds nothing left to do
+        late()
+
+
+def test_parallel_run_raises_a_tasks_error_and_runs_nested_runs_in_order():
+    parallel.set_workers(2)
+
+    def bad():
+        raise KeyError("expert 3")
+
+    with pytest.raises(KeyError, match="expert 3"):
+        parallel.run([lambda: 1, bad, lambda: 3])
+    inner = parallel.run([lambda: parallel.run([lambda: threading.current_thread().name] * 3)] * 2)
+    assert all(len(set(names)) == 1 for names in inner)  # each nested run stayed in its thread
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

@@ -148,23 +148,13 @@ _CHUNK_BYTES = 4 * 2**20
 
 
 def _batch_chunks(B, score_bytes_per_row):
-    """Slices of the batch axis, each holding about _CHUNK_BYTES of attention scores, and at least
-    as many as there are parallel workers."""
+    """Slices of the batch axis, each holding about _CHUNK_BYTES of attention scores; with
+    parallel workers, at least two per worker (so that a worker that starts late still finds
+    some, see ops/parallel.py)."""
     step = max(1, _CHUNK_BYTES // max(1, score_bytes_per_row))
-    step = max(1, min(step, -(-B // parallel.workers())))  # at most ceil(B / workers) rows
+    if parallel.workers() > 1:
+        step = max(1, min(step, -(-B // (2 * parallel.workers()))))
     return [slice(b, min(b + step, B)) for b in range(0, B, step)]
-
-
-def _for_each_chunk(fn, chunks):
-    """fn(chunk) for every batch chunk, the chunks shared out among the parallel workers (each
-    worker takes neighbouring chunks, one after the other)."""
-    groups = parallel.split([c.stop - c.start for c in chunks], parallel.workers())
-    parallel.run([functools.partial(_each, fn, [chunks[i] for i in group]) for group in groups])
-
-
-def _each(fn, items):
-    for item in items:
-        fn(item)
 
 
 def causal_attention_forward(q, k, v):
@@ -202,7 +192,7 @@ def causal_attention_forward(q, k, v):
         s *= 1.0 / s.sum(axis=-1, keepdims=True)  # one division per row, then multiplies
         xp.matmul(s, v[b], out=y[b])
 
-    _for_each_chunk(rows, _batch_chunks(B, p[0:1].nbytes))
+    parallel.run([functools.partial(rows, b) for b in _batch_chunks(B, p[0:1].nbytes)])
     return y.reshape(B, H, Tq, D), AttentionCache(q, k, v, p.reshape(B, H, Tq, Tk), scale)
 
 
@@ -239,5 +229,5 @@ def causal_attention_backward(dy, cache):
         dq[b] *= scale
         dk[b] *= scale
 
-    _for_each_chunk(rows, _batch_chunks(B, p[0:1].nbytes))
+    parallel.run([functools.partial(rows, b) for b in _batch_chunks(B, p[0:1].nbytes)])
     return dq.reshape(B, H, Tq, D), dk, dv

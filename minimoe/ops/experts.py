@@ -192,36 +192,29 @@ class ExpertsCache(NamedTuple):
     weight_shapes: dict  # name -> shape of the stacked weights, for the zero gradients
 
 
-def _groups(offsets):
-    """The experts shared out among the parallel workers, about equal rows per worker."""
-    return parallel.split([b - a for a, b in zip(offsets[:-1], offsets[1:])], parallel.workers())
-
-
 def experts_forward(x_sorted, offsets, w, activation="swiglu"):
     """x_sorted (M, C) -> y_sorted (M, C): expert e's FFN on rows offsets[e]:offsets[e+1].
 
     w: dict of stacked weights, swiglu: w1, w3 (E, C, F), w2 (E, F, C);
     gelu / gelu_exact: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
-    The experts are independent, so groups of them run side by side (ops/parallel.py).
+    The experts are independent: they run side by side when there are workers (ops/parallel.py).
     """
     xp = backend.xp_of(x_sorted)
+    E = w["w1"].shape[0]
     y = xp.empty_like(x_sorted)
-    caches = [None] * w["w1"].shape[0]  # None for an expert that received no slot
+    caches = [None] * E  # None for an expert that received no slot
 
-    def forward(group):
-        for e in group:
-            a, b = offsets[e], offsets[e + 1]
-            if a == b:
-                continue
-            if activation == "swiglu":
-                y[a:b], caches[e] = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
-            else:
-                approx = "tanh" if activation == "gelu" else "none"
-                y[a:b], caches[e] = ffn.gelu_mlp_forward(
-                    x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx
-                )
+    def forward(e):
+        a, b = offsets[e], offsets[e + 1]
+        if activation == "swiglu":
+            y[a:b], caches[e] = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
+        else:
+            approx = "tanh" if activation == "gelu" else "none"
+            y[a:b], caches[e] = ffn.gelu_mlp_forward(
+                x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx
+            )
 
-    parallel.run([functools.partial(forward, group) for group in _groups(offsets)])
+    parallel.run([functools.partial(forward, e) for e in range(E) if offsets[e] < offsets[e + 1]])
     return y, ExpertsCache(caches, offsets, activation, {k: v.shape for k, v in w.items()})
 
 
@@ -232,18 +225,16 @@ def experts_backward(dy_sorted, cache):
     dw = {k: xp.empty(s, dtype=dy_sorted.dtype) for k, s in cache.weight_shapes.items()}
     dx = xp.empty_like(dy_sorted)
 
-    def backward(group):
-        for e in group:
-            c = cache.ffn_caches[e]
-            if c is None:  # an expert that received no token: zero gradients
-                for g in dw.values():
-                    g[e] = 0
-                continue
-            a, b = offsets[e], offsets[e + 1]
-            if cache.activation == "swiglu":
-                dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
-            else:
-                dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
+    def backward(e):
+        a, b, c = offsets[e], offsets[e + 1], cache.ffn_caches[e]
+        if cache.activation == "swiglu":
+            dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
+        else:
+            dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
 
-    parallel.run([functools.partial(backward, group) for group in _groups(offsets)])
+    used = [e for e, c in enumerate(cache.ffn_caches) if c is not None]
+    for e in set(range(len(cache.ffn_caches))) - set(used):  # an expert that received no token
+        for g in dw.values():
+            g[e] = 0
+    parallel.run([functools.partial(backward, e) for e in used])
     return dx, dw

@@ -7,22 +7,29 @@ and its own weight slices, so running them in any order, or at once, gives the s
 bit for bit (each expert's arithmetic is exactly what one thread would do).
 
     parallel.set_workers(2)             # minimoe.threads does this; 1 (the default) = in order
-    parallel.run([lambda: f(0), lambda: f(1)])     # results in the order of the tasks
+    parallel.run([lambda: f(0), lambda: f(1), lambda: f(2)])   # results in the order of the tasks
+
+How: the caller and up to workers - 1 helper threads take the next task not yet taken, until
+none is left; the caller then waits only for the tasks still running on a helper. A helper that
+the scheduler has not started yet (another program has its core) simply finds nothing left: the
+caller never waits for a thread that is not running, and the worst case is the caller doing
+everything itself, as with one worker.
 
 Why not let the BLAS library use both cores? Its threads split ONE matrix product and then
 wait, spinning, for each other at its end: with the laptop-size experts' small products (192
-rows) that costs more than it gains, and when another program takes a core, every product waits
-for the scheduler to hand it back (see minimoe/threads.py). Here a task is a whole expert, and a
-thread waiting for another sleeps instead of spinning.
+rows) that gains little, and when another program takes a core, every product waits for the
+scheduler to hand it back (see minimoe/threads.py). Here a task is a whole expert.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 _state = {"workers": 1, "pool": None, "pool_threads": 0}
 _lock = threading.Lock()
+_local = threading.local()  # .busy: this thread is running a task (a nested run goes in order)
 
 
 def set_workers(n: int) -> None:
@@ -38,8 +45,8 @@ def workers() -> int:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """A pool of at least `threads` threads, kept for the life of the process (a smaller one is
-    replaced; lowering the workers keeps it, idle threads cost nothing)."""
+    """A pool of at least `threads` helper threads, kept for the life of the process (a smaller
+    one is replaced; lowering the workers keeps it: idle threads cost nothing)."""
     with _lock:
         if _state["pool_threads"] < threads:
             if _state["pool"] is not None:
@@ -51,29 +58,33 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 def run(tasks: list) -> list:
     """Call every task (a function of no arguments); return their results in the tasks' order.
-    The caller's thread runs the first task itself while the pool runs the others."""
-    n = _state["workers"]
-    if n == 1 or len(tasks) < 2 or threading.current_thread().name.startswith("minimoe"):
-        return [task() for task in tasks]  # one worker, one task, or already inside a task
+    A task's exception is raised here, after every task has finished."""
+    n, todo = _state["workers"], len(tasks)
+    if n == 1 or todo < 2 or getattr(_local, "busy", False):
+        return [task() for task in tasks]
+    taken = itertools.count()  # next(taken) hands each task index out once (atomic under the GIL)
+    results, errors = [None] * todo, []
+    finished = threading.Semaphore(0)  # released once per finished task
+
+    def drain():
+        _local.busy = True
+        try:
+            while (i := next(taken)) < todo:
+                try:
+                    results[i] = tasks[i]()
+                except BaseException as e:  # noqa: BLE001  (handed to the caller below)
+                    errors.append(e)
+                finally:
+                    finished.release()
+        finally:
+            _local.busy = False
+
     pool = _pool(n - 1)
-    # at most n tasks at once: the caller runs every n-th task, the pool the others
-    futures = {i: pool.submit(task) for i, task in enumerate(tasks) if i % n}
-    mine = {i: task() for i, task in enumerate(tasks) if i % n == 0}
-    return [mine[i] if i in mine else futures[i].result() for i in range(len(tasks))]
-
-
-def split(sizes: list, parts: int) -> list:
-    """Contiguous groups of indices 0..len(sizes)-1 with about equal sums of sizes, at most `parts`
-    groups, none empty: how the experts' rows (sizes) are shared out among the workers."""
-    total = sum(sizes)
-    groups, group, done = [], [], 0
-    for i, s in enumerate(sizes):
-        group.append(i)
-        done += s
-        # close the group once it reaches its share of the total (the last group takes the rest)
-        if len(groups) < parts - 1 and done >= total * (len(groups) + 1) / parts:
-            groups.append(group)
-            group = []
-    if group:
-        groups.append(group)
-    return groups
+    for _ in range(min(n, todo) - 1):
+        pool.submit(drain)
+    drain()  # the caller works too
+    for _ in range(todo):
+        finished.acquire()
+    if errors:
+        raise errors[0]
+    return results

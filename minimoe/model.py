@@ -7,9 +7,11 @@
 Block i (pre-norm, as in GPT-2 and Llama):
     x = x + Dropout(Attention(Norm1(x)))
     x = x + Dropout(MLP(Norm2(x)))       # MLP: dense (layers/ffn.py) or MoE (layers/moe.py)
+Granite's muP-style scalars (Config, 1 elsewhere): x0 = embedding_multiplier * wte[idx], each
+branch enters the residual as residual_multiplier * f(...), logits = Norm(x) W_head / logits_scaling.
 Parameter names (C channels, F hidden, V vocab, E experts):
     wte (V, C) token embedding;  wpe (block_size, C) learned positions (gpt2 flavour)
-    blocks.i.ln1.w/.b, blocks.i.attn.wqkv/.bqkv/.wo/.bo, blocks.i.ln2.w/.b
+    blocks.i.ln1.w/.b, blocks.i.attn.wqkv/.bqkv/.wo/.bo(/.q_norm.w/.k_norm.w with QK-norm), blocks.i.ln2.w/.b
     blocks.i.mlp.w1/.b1/.w2/.b2 (GELU) or blocks.i.mlp.w1/.w3/.w2 (SwiGLU)
     blocks.i.moe.* (MoE blocks, see layers/moe.py);  ln_f.w/.b;  lm_head (C, V) when not tied to wte
 The attention block is layers/attention.py; the forward's caches live in a `StepCaches` (below).
@@ -53,11 +55,14 @@ def _init_params(config: Config, seed: int) -> dict:
         if c.norm == "layernorm":
             p[pre + "ln1.b"] = numpy.zeros(C)
         p[pre + "attn.wqkv"] = normal((C, (H + 2 * Hkv) * D), std)
-        if c.bias:
+        if c.qkv_bias:
             p[pre + "attn.bqkv"] = numpy.zeros((H + 2 * Hkv) * D)
         p[pre + "attn.wo"] = normal((H * D, C), std_out)
         if c.bias:
             p[pre + "attn.bo"] = numpy.zeros(C)
+        if c.qk_norm != "none":  # gains over one head (D) or over the whole q / k projection
+            p[pre + "attn.q_norm.w"] = numpy.ones(D if c.qk_norm == "head" else H * D)
+            p[pre + "attn.k_norm.w"] = numpy.ones(D if c.qk_norm == "head" else Hkv * D)
         p[pre + "ln2.w"] = numpy.ones(C)
         if c.norm == "layernorm":
             p[pre + "ln2.b"] = numpy.zeros(C)
@@ -71,6 +76,11 @@ def _init_params(config: Config, seed: int) -> dict:
     if not c.tie_embeddings:
         p["lm_head"] = normal((C, V), std)
     return p
+
+
+def _scale(x, s: float):
+    """x * s, or x itself when s = 1 (the muP-style multipliers are 1 outside Granite)."""
+    return x if s == 1.0 else x * s
 
 
 class StepCaches(dict):
@@ -184,6 +194,7 @@ class GPT:
         caches, self._cache = StepCaches(previous=self._cache), None
 
         x, caches["wte"] = embedding.embedding_forward(idx, p["wte"])
+        x = _scale(x, c.embedding_multiplier)
         if c.pos_emb == "learned":
             x = x + p["wpe"][pos0 : pos0 + T]
         x, caches["drop_emb"] = dropout.dropout_forward(x, c.dropout, self.rng, train)
@@ -198,15 +209,16 @@ class GPT:
             h, caches[pre + "ln1"] = self._norm_forward(x, pre + "ln1")
             a, caches[pre + "attn"] = self._attention_forward(i, h, rope, kv_cache)
             a, caches[pre + "drop1"] = dropout.dropout_forward(a, c.dropout, self.rng, train)
-            x = x + a
+            x = x + _scale(a, c.residual_multiplier)
             # x = x + Dropout(MLP(Norm2(x)))
             h, caches[pre + "ln2"] = self._norm_forward(x, pre + "ln2")
             m, caches[pre + "mlp"] = self._mlp_forward(i, h, train)
             m, caches[pre + "drop2"] = dropout.dropout_forward(m, c.dropout, self.rng, train)
-            x = x + m
+            x = x + _scale(m, c.residual_multiplier)
         x, caches["ln_f"] = self._norm_forward(x, "ln_f")
         head = p["wte"].T if c.tie_embeddings else p["lm_head"]
         logits, caches["head"] = linear.linear_forward(x, head)
+        logits = _scale(logits, 1.0 / c.logits_scaling)
 
         if kv_cache is not None:
             kv_cache.pos += T
@@ -237,14 +249,24 @@ class GPT:
         c, p, pre = self.config, self.params, f"blocks.{i}.attn."
         kv = None if kv_cache is None else (kv_cache, i)
         w = p[pre + "wqkv"], p.get(pre + "bqkv"), p[pre + "wo"], p.get(pre + "bo")
-        return attention.self_attention_forward(h, *w, c.n_head, c.n_kv_head, rope, kv)
+        qk = None
+        if c.qk_norm != "none":
+            qk = attention.QKNorm(c.qk_norm == "head", p[pre + "q_norm.w"], p[pre + "k_norm.w"], c.norm_eps)
+        # Granite's attention_multiplier m replaces 1/sqrt(D): scores q k^T m = (q m sqrt(D)) k^T / sqrt(D)
+        m = c.attention_multiplier
+        q_scale = 1.0 if m is None else m * math.sqrt(c.head_size)
+        return attention.self_attention_forward(h, *w, c.n_head, c.n_kv_head, rope, kv, qk, q_scale)
 
     def _attention_backward(self, i, da, cache):
         """Backward of `_attention_forward`: -> dh; the block's attention gradients go to self.grads."""
         pre, g = f"blocks.{i}.attn.", self.grads
-        dh, g[pre + "wqkv"], dbqkv, g[pre + "wo"], dbo = attention.self_attention_backward(da, cache)
+        dh, g[pre + "wqkv"], dbqkv, g[pre + "wo"], dbo, *dqk = attention.self_attention_backward(da, cache)
         if dbqkv is not None:
-            g[pre + "bqkv"], g[pre + "bo"] = dbqkv, dbo
+            g[pre + "bqkv"] = dbqkv
+        if dbo is not None:
+            g[pre + "bo"] = dbo
+        if dqk:
+            g[pre + "q_norm.w"], g[pre + "k_norm.w"] = dqk
         return dh
 
     def _mlp_forward(self, i, h, train):
@@ -292,7 +314,7 @@ class GPT:
         c, p, caches = self.config, self.params, self._cache
         g = self.grads = {}  # filled by the helpers below, then put in the order of self.params
 
-        dlogits = loss.cross_entropy_backward(1.0, caches["loss"])
+        dlogits = _scale(loss.cross_entropy_backward(1.0, caches["loss"]), 1.0 / c.logits_scaling)
         dx, dhead, _ = linear.linear_backward(dlogits, caches["head"])
         if c.tie_embeddings:
             dwte_head = dhead.T  # the head is wte^T: its gradient joins the embedding's below
@@ -303,11 +325,11 @@ class GPT:
         for i in reversed(range(c.n_layer)):
             pre = f"blocks.{i}."
             # x = x + Dropout(MLP(Norm2(x)))
-            dm = dropout.dropout_backward(dx, caches[pre + "drop2"])
+            dm = dropout.dropout_backward(_scale(dx, c.residual_multiplier), caches[pre + "drop2"])
             dh = self._mlp_backward(i, dm, caches[pre + "mlp"])
             dx = dx + self._norm_backward(dh, caches[pre + "ln2"], pre + "ln2")
             # x = x + Dropout(Attention(Norm1(x)))
-            da = dropout.dropout_backward(dx, caches[pre + "drop1"])
+            da = dropout.dropout_backward(_scale(dx, c.residual_multiplier), caches[pre + "drop1"])
             dh = self._attention_backward(i, da, caches[pre + "attn"])
             dx = dx + self._norm_backward(dh, caches[pre + "ln1"], pre + "ln1")
 
@@ -317,7 +339,7 @@ class GPT:
             dwpe = self.xp.zeros_like(p["wpe"])
             dwpe[:T] = dx.sum(axis=0)
             g["wpe"] = dwpe
-        g["wte"] = embedding.embedding_backward(dx, caches["wte"])
+        g["wte"] = embedding.embedding_backward(_scale(dx, c.embedding_multiplier), caches["wte"])
         if c.tie_embeddings:
             g["wte"] += dwte_head
         # keep the order of model.params (optimizers and checkpoints walk it)

@@ -10,13 +10,16 @@ FULL = [name for name, d in PRESETS.items() if d.get("counted_only")]
 
 
 def test_toy_and_full_presets_are_the_documented_ones():
-    assert TOY == ["dense", "mixtral", "switch", "deepseek", "gpt4-rumoured"]
+    assert TOY == ["dense", "mixtral", "switch", "deepseek", "gpt4-rumoured", "olmoe", "qwen-moe"]
     assert set(FULL) == {
         "gpt2-124m",
         "gpt3-175b",
         "mixtral-8x7b",
         "deepseek-moe-16b",
         "olmoe-1b-7b",
+        "qwen1.5-moe-a2.7b",
+        "qwen3-30b-a3b",
+        "granite-3.0-1b-a400m",
         "gpt4-rumoured-full",
     }
 
@@ -27,6 +30,9 @@ def test_toy_and_full_presets_are_the_documented_ones():
         ("mixtral-8x7b", 46.7e9, 12.9e9, 0.01),  # Jiang et al. 2024
         ("deepseek-moe-16b", 16.4e9, 2.8e9, 0.03),  # Dai et al. 2024
         ("olmoe-1b-7b", 6.9e9, 1.3e9, 0.03),  # Muennighoff et al. 2024
+        ("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9, 0.01),  # Qwen team 2024
+        ("qwen3-30b-a3b", 30.5e9, 3.3e9, 0.02),  # Qwen3 model card: we count 3.35B active
+        ("granite-3.0-1b-a400m", 1.3e9, 400e6, 0.08),  # IBM 2024, 1-2 significant figures: 1.34B, 429M
         ("gpt4-rumoured-full", 1.8e12, 280e9, 0.05),  # the unconfirmed 2023 leak
         ("gpt3-175b", 175e9, 175e9, 0.01),  # Brown et al. 2020 (dense: active == total)
     ],
@@ -66,6 +72,10 @@ ACTIVE_BY_HAND = {
     "deepseek": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 3 * SWIGLU * 128 + SWIGLU * 128 + C * 16),
     # 2 of 16 experts of F = 256 + router C x 16
     "gpt4-rumoured": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 2 * SWIGLU * 256 + C * 16),
+    # 8 of 64 experts of F = 64 + router C x 64 + QK-norm gains over q and k (C each)
+    "olmoe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 8 * SWIGLU * 64 + C * 64 + 2 * C),
+    # 4 of 32 experts of F = 64 + a shared expert of F = 256 + its gate C x 1 + router C x 32 + q/k/v biases
+    "qwen-moe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 4 * SWIGLU * 64 + SWIGLU * 256 + C + C * 32 + 3 * C),
 }
 TOTAL_BY_HAND = {
     "dense": ACTIVE_BY_HAND["dense"],
@@ -73,6 +83,8 @@ TOTAL_BY_HAND = {
     "switch": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 8 * SWIGLU * 512 + C * 8),
     "deepseek": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 16 * SWIGLU * 128 + SWIGLU * 128 + C * 16),
     "gpt4-rumoured": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 16 * SWIGLU * 256 + C * 16),
+    "olmoe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 64 * SWIGLU * 64 + C * 64 + 2 * C),
+    "qwen-moe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 32 * SWIGLU * 64 + SWIGLU * 256 + C + C * 32 + 3 * C),
 }
 
 

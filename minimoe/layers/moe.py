@@ -137,8 +137,8 @@ def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: b
     if c.n_shared_experts:
         ys, c_shared = ffn_forward(c, x, p, pre + "shared.")
         if c.shared_gate:
-            z, c_gate_proj = linear.linear_forward(x, p[pre + "shared_gate.w"])
-            ys, c_sgate = gate.sigmoid_gate_forward(ys, z)
+            gate_logit, c_gate_proj = linear.linear_forward(x, p[pre + "shared_gate.w"])  # (N, 1)
+            ys, c_sgate = gate.sigmoid_gate_forward(ys, gate_logit)
         y = y + ys
 
     entropy = -(probs * xp.log(xp.maximum(probs, 1e-30))).sum(axis=-1).mean()

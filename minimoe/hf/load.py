@@ -39,12 +39,14 @@ def _as_numpy(v):
 
 
 def from_hf(state_dict: dict, hf_config: dict, dtype: str = "float32", training: bool = False) -> GPT:
-    """A minimoe GPT computing the same function as the HF GPT-2 or Mixtral model
-    (`GPT2LMHeadModel`, `MixtralForCausalLM`, or their bare `GPT2Model`/`MixtralModel` when tied).
+    """A minimoe GPT computing the same function as the HF model of `hf_config` (GPT2LMHeadModel,
+    MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM,
+    GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM; or their bare *Model when tied).
 
-    state_dict: HF parameter name -> numpy array (torch tensors are accepted too), either name
-    set of Mixtral (checkpoint or transformers >= 5 names, see minimoe.hf.names); GPT-2 names
-    with or without "transformer.".
+    state_dict: HF parameter name -> numpy array (torch tensors are accepted too), under either
+    name set of the MoE families (the Hub's checkpoint names or transformers >= 5 module names, see
+    minimoe.hf.names); GPT-2 names with or without "transformer.". Buffers the checkpoint holds
+    that are state of ours (DeepSeek-V3's e_score_correction_bias) go to model.buffers.
     hf_config: config.json as a dict (see `config_from_hf` for the fields and `training`).
     dtype: "float32" or "float64". Returned in eval mode, like HF's from_pretrained.
     Mixtral's router_aux_loss_coef becomes our aux_loss_coef, but the two losses differ
@@ -54,26 +56,27 @@ def from_hf(state_dict: dict, hf_config: dict, dtype: str = "float32", training:
     config = config_from_hf(hf_config, training)
     kind = hf_config["model_type"]
     sd = {k: _as_numpy(v) for k, v in state_dict.items() if not IGNORED.search(k)}
-    sd = with_gpt2_prefix(sd) if kind == "gpt2" else unfuse(sd)
+    sd = with_gpt2_prefix(sd) if kind == "gpt2" else unfuse(sd, kind)
     if dtype in (numpy.float32, numpy.float64):
         dtype = numpy.dtype(dtype).name
     model = GPT(config, dtype=dtype)  # refuses a dtype other than "float32" / "float64"
-    entries = name_map(config)
+    entries = name_map(config, kind, {**model.params, **model.buffers})
     used = set()
     for ours, how, theirs in entries:
         missing = [k for k in theirs if k not in sd]
         if missing:
             raise CheckpointError(
-                f"state_dict has no {missing[0]!r} (needed for {ours}); is this a {kind} checkpoint?"
+                f"state_dict has no {missing[0]!r} (needed for {ours[0]}); is this a {kind} checkpoint?"
             )
-        arr = to_ours([sd[k] for k in theirs], how)
-        want = model.params[ours].shape
-        if arr.shape != want:
-            got = sd[theirs[0]].shape
-            raise CheckpointError(
-                f"{theirs[0]} has shape {got}, which gives {arr.shape} for {ours}; the config needs {want}"
-            )
-        model.params[ours] = backend.to_device(numpy.ascontiguousarray(arr), model.xp, model.dtype)
+        for name, arr in zip(ours, to_ours([sd[k] for k in theirs], how)):
+            store = model.params if name in model.params else model.buffers
+            if arr.shape != store[name].shape:
+                got = sd[theirs[0]].shape
+                raise CheckpointError(
+                    f"{theirs[0]} has shape {got}, which gives {arr.shape} for {name}; "
+                    f"the config needs {store[name].shape}"
+                )
+            store[name] = backend.to_device(numpy.ascontiguousarray(arr), model.xp, model.dtype)
         used.update(theirs)
     if config.tie_embeddings and "lm_head.weight" in sd:  # a tied model's state_dict may repeat the head
         embedding = entries[0].theirs[0]  # wte comes first in every table
@@ -90,13 +93,15 @@ def from_hf(state_dict: dict, hf_config: dict, dtype: str = "float32", training:
     return model.eval()
 
 
-def to_hf(model: GPT, grads: bool = False, layout: str = "checkpoint") -> dict:
-    """HF name -> numpy array of the model's parameters, or (grads=True) of the gradients
-    from the last backward(). Arrays keep the model's dtype.
+def to_hf(model: GPT, grads: bool = False, layout: str = "checkpoint", model_type: str | None = None) -> dict:
+    """HF name -> numpy array of the model's parameters (and buffers that checkpoints hold), or
+    (grads=True) of the gradients from the last backward(). Arrays keep the model's dtype.
 
     layout: "checkpoint" (the names in the Hub's safetensors files, loadable by every
-    transformers version) or "fused" (transformers >= 5 Mixtral module names; for GPT-2 the two
-    are the same). Tied models write only the embedding (see the module docstring).
+    transformers version) or "fused" (transformers >= 5 module names, experts stacked; for GPT-2
+    the two are the same). Tied models write only the embedding (see the module docstring).
+    model_type: the HF architecture to write (None: the one `hf.config.family` picks);
+    ConfigError naming the first Config field it cannot represent.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -106,13 +111,14 @@ def to_hf(model: GPT, grads: bool = False, layout: str = "checkpoint") -> dict:
             "to_hf(grads=True) needs gradients: run model.forward(idx, targets), model.backward()"
         )
     c = model.config
+    kind = family(c, model_type)
+    if not grads:
+        src = {**src, **model.buffers}
     out = {}
-    for ours, how, theirs in name_map(c):
-        for name, a in zip(theirs, to_theirs(backend.to_numpy(src[ours]), how, c)):
+    for ours, how, theirs in name_map(c, kind, src):
+        for name, a in zip(theirs, to_theirs([backend.to_numpy(src[o]) for o in ours], how, c)):
             out[name] = numpy.ascontiguousarray(a)
-    if layout == "fused" and family(c) == "mixtral":
-        out = fuse(out, c)
-    return out
+    return fuse(out, c, kind) if layout == "fused" else out
 
 
 # ---------------------------------------------------------------------------------- local folders
@@ -166,11 +172,14 @@ def load_pretrained(path: str, dtype: str = "float32", training: bool = False):
     return model, load_tokenizer(str(path), hf_config)
 
 
-def save_pretrained(model: GPT, path: str) -> None:
-    """Write config.json and model.safetensors (the model's dtype) that transformers can load."""
+def save_pretrained(model: GPT, path: str, model_type: str | None = None) -> None:
+    """Write config.json and model.safetensors (the model's dtype) that transformers can load, as
+    HF architecture `model_type` (None: the one `hf.config.family` picks)."""
     os.makedirs(path, exist_ok=True)
-    cfg = hf_config_from(model)
+    cfg = hf_config_from(model, model_type)
     cfg["torch_dtype"] = model.dtype
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
-    write_safetensors(os.path.join(path, "model.safetensors"), to_hf(model), {"format": "pt"})
+    write_safetensors(
+        os.path.join(path, "model.safetensors"), to_hf(model, model_type=cfg["model_type"]), {"format": "pt"}
+    )

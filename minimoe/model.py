@@ -30,7 +30,7 @@ from minimoe.ops import dropout, embedding, linear, loss, norm
 from minimoe.ops.attention import rope_tables
 
 
-def _init_params(config: Config, seed: int) -> dict:
+def _init_params(config: Config, seed: int, rng=None) -> dict:
     """Host (numpy, float64) initial weights, so every backend starts from identical numbers.
 
     N(0, init_std) for matrices, with GPT-2's 1/sqrt(2 * n_layer) shrink on the projections that
@@ -38,7 +38,7 @@ def _init_params(config: Config, seed: int) -> dict:
     for biases.
     """
     c = config
-    rng = numpy.random.default_rng(seed)
+    rng = numpy.random.default_rng(seed) if rng is None else rng
     C, V, H, Hkv, D, F = c.n_embd, c.vocab_size, c.n_head, c.n_kv_head, c.head_size, c.ffn_hidden
     std, std_out = c.init_std, c.init_std / math.sqrt(2 * c.n_layer)
     p = {}
@@ -83,6 +83,27 @@ def _scale(x, s: float):
     return x if s == 1.0 else x * s
 
 
+class _Shape:
+    """A weight's shape standing in for the weight: `param_shapes` draws nothing and stores nothing."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def __mul__(self, _):
+        return self
+
+
+class _ShapeRng:
+    def standard_normal(self, shape):
+        return _Shape(shape)
+
+
+def param_shapes(config: Config) -> dict:
+    """{name: shape} of the parameters GPT(config) has, in its order, without allocating them
+    (hf.load_pretrained fills a model of several GB from a checkpoint this way)."""
+    return {k: tuple(v.shape) for k, v in _init_params(config, 0, rng=_ShapeRng()).items()}
+
+
 class StepCaches(dict):
     """The caches one forward leaves for its backward, {name: cache}, recycled step by step.
 
@@ -110,7 +131,7 @@ class StepCaches(dict):
 class GPT:
     """A GPT-style language model (dense or Mixture-of-Experts) with a hand-written backward."""
 
-    def __init__(self, config: Config, seed: int = 0, dtype: str | None = None):
+    def __init__(self, config: Config, seed: int = 0, dtype: str | None = None, params: dict | None = None):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a minimoe.Config, got {type(config).__name__}")
         if config.counted_only:
@@ -124,8 +145,13 @@ class GPT:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         self.xp = backend.get_xp()
-        host = _init_params(config, seed)
-        self.params = {k: backend.to_device(v, self.xp, self.dtype) for k, v in host.items()}
+        # params (given: name -> host array, e.g. from a checkpoint; the dict is emptied) are
+        # converted one by one, each dropped once converted: two copies of the weights never coexist
+        if params is None:
+            params = _init_params(config, seed)
+        elif {k: tuple(v.shape) for k, v in params.items()} != param_shapes(config):
+            raise ValueError("params must hold exactly the names and shapes of param_shapes(config)")
+        self.params = {k: backend.to_device(params.pop(k), self.xp, self.dtype) for k in param_shapes(config)}
         self.grads: dict = {}
         # State that is not trained by the optimizer (e.g. DeepSeek-V3's selection bias).
         self.buffers = {

@@ -22,7 +22,8 @@ from minimoe import backend
 from minimoe.errors import CheckpointError
 from minimoe.hf.config import config_from_hf, family, hf_config_from
 from minimoe.hf.names import IGNORED, fuse, name_map, to_ours, to_theirs, unfuse, with_gpt2_prefix
-from minimoe.model import GPT
+from minimoe.layers import moe
+from minimoe.model import GPT, param_shapes
 from minimoe.safetensors import read_checkpoint, write_safetensors
 
 LAYOUTS = ("checkpoint", "fused")
@@ -53,43 +54,58 @@ def from_hf(state_dict: dict, hf_config: dict, dtype: str = "float32", training:
     (see minimoe/ops/balance.py): set model.config.aux_loss_coef yourself when training.
     CheckpointError for a missing, misshapen or unused tensor.
     """
+    return _from_state_dict(dict(state_dict), hf_config, dtype, training)
+
+
+def _from_state_dict(sd: dict, hf_config: dict, dtype, training: bool) -> GPT:
+    """from_hf, emptying the dict `sd` as it goes: each tensor is dropped once it is converted, and
+    the model is built from the converted arrays without a random initialisation first, so the
+    weights are never held twice (load_pretrained of a ~1.3B checkpoint peaks well below twice
+    its float32 size; see benchmarks/hf_load_memory.py)."""
     config = config_from_hf(hf_config, training)
     kind = hf_config["model_type"]
-    sd = {k: _as_numpy(v) for k, v in state_dict.items() if not IGNORED.search(k)}
-    sd = with_gpt2_prefix(sd) if kind == "gpt2" else unfuse(sd, kind)
     if dtype in (numpy.float32, numpy.float64):
         dtype = numpy.dtype(dtype).name
-    model = GPT(config, dtype=dtype)  # refuses a dtype other than "float32" / "float64"
-    entries = name_map(config, kind, {**model.params, **model.buffers})
-    used = set()
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    named = with_gpt2_prefix(sd) if kind == "gpt2" else unfuse(sd, kind)
+    sd.clear()  # the tensors now live in `named` alone
+    for k in [k for k in named if IGNORED.search(k)]:
+        del named[k]
+    buffer_shapes = {k: v.shape for k, v in moe.init_buffers(config).items()}  # DeepSeek-V3's selection bias
+    shapes = {**param_shapes(config), **buffer_shapes}
+    entries = name_map(config, kind, shapes)
+    if config.tie_embeddings and "lm_head.weight" in named:  # a tied model's state_dict may repeat the head
+        head, embedding = named.pop("lm_head.weight"), entries[0].theirs[0]  # wte comes first in every table
+        if embedding in named and not numpy.array_equal(_as_numpy(head), _as_numpy(named[embedding])):
+            raise CheckpointError(
+                "tie_word_embeddings is true, but lm_head.weight differs from the token embedding"
+            )
+    arrays = {}
     for ours, how, theirs in entries:
-        missing = [k for k in theirs if k not in sd]
+        missing = [k for k in theirs if k not in named]
         if missing:
             raise CheckpointError(
                 f"state_dict has no {missing[0]!r} (needed for {ours[0]}); is this a {kind} checkpoint?"
             )
-        for name, arr in zip(ours, to_ours([sd[k] for k in theirs], how)):
-            store = model.params if name in model.params else model.buffers
-            if arr.shape != store[name].shape:
-                got = sd[theirs[0]].shape
+        parts = [_as_numpy(named.pop(k)) for k in theirs]
+        for name, arr in zip(ours, to_ours(parts, how)):
+            if arr.shape != shapes[name]:
                 raise CheckpointError(
-                    f"{theirs[0]} has shape {got}, which gives {arr.shape} for {name}; "
-                    f"the config needs {store[name].shape}"
+                    f"{theirs[0]} has shape {parts[0].shape}, which gives {arr.shape} for {name}; "
+                    f"the config needs {shapes[name]}"
                 )
-            store[name] = backend.to_device(numpy.ascontiguousarray(arr), model.xp, model.dtype)
-        used.update(theirs)
-    if config.tie_embeddings and "lm_head.weight" in sd:  # a tied model's state_dict may repeat the head
-        embedding = entries[0].theirs[0]  # wte comes first in every table
-        if not numpy.array_equal(sd["lm_head.weight"], sd[embedding]):
-            raise CheckpointError(
-                "tie_word_embeddings is true, but lm_head.weight differs from the token embedding"
-            )
-        used.add("lm_head.weight")
-    unused = sorted(set(sd) - used)
+            arrays[name] = numpy.ascontiguousarray(arr, dtype=dtype)  # one converted copy at a time
+        del parts
+    unused = sorted(named)
     if unused:
         raise CheckpointError(
             f"state_dict has {len(unused)} tensor(s) this config does not use, e.g. {unused[:3]}"
         )
+    buffers = {k: arrays.pop(k) for k in buffer_shapes if k in arrays}
+    model = GPT(config, dtype=dtype, params=arrays)  # takes the arrays over (no random init)
+    for k, v in buffers.items():
+        model.buffers[k] = backend.to_device(v, model.xp, model.dtype)
     return model.eval()
 
 
@@ -168,7 +184,7 @@ def load_pretrained(path: str, dtype: str = "float32", training: bool = False):
     with open(cfg_file, encoding="utf-8") as f:
         hf_config = json.load(f)
     config_from_hf(hf_config, training)  # refuse a config we cannot represent before reading the weights
-    model = from_hf(read_checkpoint(str(path)), hf_config, dtype=dtype, training=training)
+    model = _from_state_dict(read_checkpoint(str(path)), hf_config, dtype, training)
     return model, load_tokenizer(str(path), hf_config)
 
 

@@ -19,9 +19,30 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
+import numpy
+
 from minimoe import backend
 from minimoe.ops import attention as ops_attention
 from minimoe.ops import linear, norm
+from minimoe.ops.mla import LatentKVCache
+
+
+def init_params(c, pre: str, rng, std: float, std_out: float) -> dict:
+    """Host float64 weights of one attention block of Config c (names under `pre`, e.g.
+    "blocks.0.attn."): wqkv N(0, std), wo N(0, std_out) (it writes into the residual stream), zero
+    biases bqkv (c.qkv_bias) and bo (c.bias), QK-norm gains of ones over one head (D,) or over
+    the whole q (H D,) and k (Hkv D,) projections. Drawn in the order wqkv, wo."""
+    C, H, Hkv, D = c.n_embd, c.n_head, c.n_kv_head, c.head_size
+    p = {pre + "wqkv": rng.standard_normal((C, (H + 2 * Hkv) * D)) * std}
+    if c.qkv_bias:
+        p[pre + "bqkv"] = numpy.zeros((H + 2 * Hkv) * D)
+    p[pre + "wo"] = rng.standard_normal((H * D, C)) * std_out
+    if c.bias:
+        p[pre + "bo"] = numpy.zeros(C)
+    if c.qk_norm != "none":
+        p[pre + "q_norm.w"] = numpy.ones(D if c.qk_norm == "head" else H * D)
+        p[pre + "k_norm.w"] = numpy.ones(D if c.qk_norm == "head" else Hkv * D)
+    return p
 
 
 class KVCache:
@@ -36,6 +57,16 @@ class KVCache:
         self.v = [xp.zeros((B, n_kv_head, T_max, D), dtype=dtype) for _ in range(n_layer)]
         self.T_max = T_max
         self.pos = 0
+
+
+def make_kv_cache(config, B, T_max, xp=None, dtype="float32"):
+    """The generation cache a model of `config` needs for T_max positions: keys and values per
+    key/value head (KVCache), or for attention="mla" only the latent and the RoPE key per
+    position (ops/mla.py's LatentKVCache)."""
+    c = config
+    if c.attention == "mla":
+        return LatentKVCache(c.n_layer, B, T_max, c.kv_lora_rank, c.qk_rope_head_dim, xp=xp, dtype=dtype)
+    return KVCache(c.n_layer, B, c.n_kv_head, T_max, c.head_size, xp=xp, dtype=dtype)
 
 
 class SelfAttentionCache(NamedTuple):

@@ -90,6 +90,34 @@ PRESETS = {
         qkv_bias=True,
         aux_loss_coef=0.01,
     ),
+    # DeepSeek-V3-style (DeepSeek-AI 2024): Multi-head Latent Attention (query latent 64, key/value
+    # latent 64, RoPE part 16: 63,488 attention weights per block against MHA's 65,536), the first
+    # block dense (F = 512), then top-7 of 32 routed experts of F = 64 chosen within the best 4 of 8
+    # groups, plus one shared expert of F = 64; sigmoid gates renormalised and scaled by 2.5, the
+    # load balanced by the selection bias (no balancing loss). Active FFN weights per token:
+    # (7 + 1) * 3*128*64 = 196,608 (= dense) + router 128*32 in the MoE blocks.
+    "deepseek-v3": dict(
+        _TOY,
+        attention="mla",
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        ffn_hidden=512,
+        first_dense=1,
+        n_experts=32,
+        top_k=7,
+        expert_hidden=64,
+        n_shared_experts=1,
+        shared_hidden=64,
+        router="sigmoid_bias",
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        aux_loss_coef=0.0,
+        bias_update_rate=1e-3,
+    ),
     # ---------------- published full-size configurations: counted, never built ----------------
     # GPT-2 small (Radford et al. 2019), 124M.
     "gpt2-124m": dict(
@@ -200,6 +228,39 @@ PRESETS = {
         expert_hidden=768,
         qk_norm="head",
         rope_theta=1e6,
+        counted_only=True,
+    ),
+    # DeepSeek-V3 671B (DeepSeek-AI, DeepSeek-V3 technical report 2024, sec. 4.2 and table 1;
+    # deepseek-ai/DeepSeek-V3 config.json): 61 layers, MLA (q latent 1536, kv latent 512, 128 heads of
+    # 128 + 64 RoPE), the first 3 blocks dense (F = 18432), then 256 routed experts (F = 2048) of which
+    # 8, within the best 4 of 8 groups, + 1 shared expert; 671B total, 37B active (we count 671.0B
+    # and 37.6B with the input embedding and output head; the 14B multi-token-prediction module is
+    # not counted, as in the report's 671B).
+    "deepseek-v3-671b": dict(
+        flavour="llama",
+        vocab_size=129280,
+        block_size=4096,
+        n_layer=61,
+        n_head=128,
+        n_embd=7168,
+        ffn_hidden=18432,
+        norm_eps=1e-6,
+        attention="mla",
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        first_dense=3,
+        n_experts=256,
+        top_k=8,
+        expert_hidden=2048,
+        n_shared_experts=1,
+        router="sigmoid_bias",
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        aux_loss_coef=0.0,
         counted_only=True,
     ),
     # Granite-3.0-1B-A400M (IBM, Granite 3.0 language models report 2024;

@@ -45,6 +45,17 @@ CASES = {  # name -> config.json of a random tiny model
     "granitemoeshared": dict(TINY, model_type="granitemoeshared", intermediate_size=6, num_hidden_layers=2,
                              num_local_experts=4, shared_intermediate_size=10, embedding_multiplier=2.0,
                              attention_multiplier=0.2, residual_multiplier=0.7, logits_scaling=1.5),
+    "deepseek_v3": dict(TINY, model_type="deepseek_v3", num_key_value_heads=4, intermediate_size=20,
+                        moe_intermediate_size=6, num_hidden_layers=3, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        first_k_dense_replace=1, norm_topk_prob=True, q_lora_rank=6, kv_lora_rank=8,
+                        qk_nope_head_dim=3, qk_rope_head_dim=4, v_head_dim=5, rope_interleave=True),
+    "deepseek_v3-direct-q-plain-halves": dict(
+        TINY, model_type="deepseek_v3", num_key_value_heads=4, intermediate_size=20, moe_intermediate_size=6,
+        num_hidden_layers=2, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2, n_group=1,
+        topk_group=1, routed_scaling_factor=1.5, first_k_dense_replace=0, norm_topk_prob=False, q_lora_rank=None,
+        kv_lora_rank=6, qk_nope_head_dim=2, qk_rope_head_dim=6, v_head_dim=3, rope_interleave=False,
+        tie_word_embeddings=True),
 }  # fmt: skip
 
 
@@ -56,14 +67,19 @@ CASES = {  # name -> config.json of a random tiny model
 def expected_names(case):
     """The Hub checkpoint names of a CASES model, written out per family (independent of hf/names.py)."""
     cfg, kind = CASES[case], CASES[case]["model_type"]
-    E = cfg.get("num_experts", cfg.get("num_local_experts"))
+    E = cfg.get("num_experts", cfg.get("num_local_experts", cfg.get("n_routed_experts")))
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.get("tie_word_embeddings"):
         names.append("lm_head.weight")
     for i in range(cfg["num_hidden_layers"]):
         L = f"model.layers.{i}."
         names += [L + "input_layernorm.weight", L + "post_attention_layernorm.weight"]
-        names += [f"{L}self_attn.{p}_proj.weight" for p in "qkvo"]
+        if kind == "deepseek_v3":
+            q = ["q_proj"] if cfg["q_lora_rank"] is None else ["q_a_proj", "q_a_layernorm", "q_b_proj"]
+            names += [
+                f"{L}self_attn.{p}.weight" for p in q + ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj"]
+            ]
+        names += [f"{L}self_attn.{p}_proj.weight" for p in ("o" if kind == "deepseek_v3" else "qkvo")]
         if cfg.get("attention_bias"):
             names += [f"{L}self_attn.{p}_proj.bias" for p in "qkvo"]
         if kind == "qwen2_moe":
@@ -71,6 +87,7 @@ def expected_names(case):
         if kind in ("olmoe", "qwen3_moe"):
             names += [L + "self_attn.q_norm.weight", L + "self_attn.k_norm.weight"]
         dense = i in cfg.get("mlp_only_layers", []) or (i + 1) % cfg.get("decoder_sparse_step", 1)
+        dense = dense or i < cfg.get("first_k_dense_replace", 0)
         if dense:
             names += [f"{L}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
         elif kind.startswith("granite"):
@@ -84,6 +101,9 @@ def expected_names(case):
             if kind == "qwen2_moe":
                 names += [f"{L}mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
                 names.append(L + "mlp.shared_expert_gate.weight")
+            if kind == "deepseek_v3":
+                names += [f"{L}mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")]
+                names.append(L + "mlp.gate.e_score_correction_bias")
     return sorted(names)
 
 
@@ -95,6 +115,8 @@ def random_model(case, seed=0, init_std=0.3):
     for k, v in model.params.items():
         if k.endswith(("bqkv", ".bo", "norm.w", "ln1.w", "ln2.w", "ln_f.w")):
             v[...] = rng.standard_normal(v.shape) * init_std + k.endswith(".w")
+    for v in model.buffers.values():  # DeepSeek-V3's selection bias, as after some training
+        v[...] = rng.standard_normal(v.shape) * 0.05
     return model
 
 
@@ -103,9 +125,11 @@ def test_names_shapes_and_round_trip(case):
     model = random_model(case)
     sd = hf.to_hf(model)
     assert sorted(sd) == expected_names(case)
-    again = hf.from_hf(sd, CASES[case], dtype="float64")
+    again = hf.from_hf(sd, hf.hf_config_from(model), dtype="float64")
     assert all(np.array_equal(again.params[k], model.params[k]) for k in model.params)
-    fused = hf.to_hf(model, layout="fused")  # transformers >= 5 module names, read back too
+    assert all(np.array_equal(again.buffers[k], model.buffers[k]) for k in model.buffers)
+    # transformers >= 5 module names, and the RoPE layout the case's config.json says, read back too
+    fused = hf.to_hf(model, layout="fused", rope_interleave=CASES[case].get("rope_interleave", True))
     again = hf.from_hf(fused, CASES[case], dtype="float64")
     assert all(np.array_equal(again.params[k], model.params[k]) for k in model.params)
 
@@ -189,6 +213,25 @@ def test_configs_read_what_each_family_means():
         hf.config_from_hf(dict(CASES["qwen3_moe"], use_sliding_window=False, sliding_window=8)).block_size
         == 16
     )
+    c = hf.config_from_hf(CASES["deepseek_v3"])
+    assert (c.attention, c.router, c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim) == (
+        "mla",
+        "sigmoid_bias",
+        6,
+        8,
+        4,
+    )
+    assert (c.n_group, c.topk_group, c.routed_scaling_factor, c.first_dense, c.renormalize) == (
+        4,
+        2,
+        2.5,
+        1,
+        True,
+    )
+    assert (c.n_shared_experts, c.shared_hidden, c.expert_hidden, c.ffn_hidden) == (1, 6, 6, 20)
+    assert c.latent_norm_eps == 1e-6 and c.aux_loss_coef == 0.0  # balanced by its selection bias
+    c = hf.config_from_hf(CASES["deepseek_v3-direct-q-plain-halves"])
+    assert (c.q_lora_rank, c.n_group, c.renormalize, c.n_shared_experts) == (0, 1, False, 2)
     # Qwen3's config may spell num_experts as num_local_experts (its attribute_map)
     alias = {k: v for k, v in CASES["qwen3_moe"].items() if k != "num_experts"}
     assert hf.config_from_hf(dict(alias, num_local_experts=6)).n_experts == 6
@@ -208,6 +251,13 @@ REFUSED = [
     ("granitemoe", dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type"),
     ("granitemoeshared", dict(num_key_value_heads=3), "num_key_value_heads"),
     ("olmoe", dict(model_type="deepseek_v2"), "model_type"),
+    ("deepseek_v3", dict(num_key_value_heads=2), "num_key_value_heads"),  # MLA has no kv heads to group
+    ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func"),
+    ("deepseek_v3", dict(topk_method="group_limited_greedy"), "topk_method"),
+    ("deepseek_v3", dict(rope_scaling={"type": "yarn", "factor": 40}), "rope_scaling"),  # the real V3's
+    ("deepseek_v3", dict(quantization_config={"quant_method": "fp8"}), "quantization_config"),
+    ("deepseek_v3", dict(attention_bias=True), "attention_bias"),
+    ("deepseek_v3", dict(n_group=3), "n_group"),  # 3 does not divide 8 experts
 ]
 
 
@@ -240,7 +290,12 @@ EXPORT_REFUSED = [
     (dict(activation="relu"), None, "activation"),
     (dict(shared_gate=True, n_shared_experts=1, qk_norm="head"), "qwen2_moe", "qk_norm"),
     (dict(), "qwen3_moe", "qk_norm"),
-]
+    (dict(router="sigmoid_bias", n_shared_experts=1), None, "attention"),  # DeepSeek-V3 is MLA
+    (dict(attention="mla", n_kv_head=2, router="sigmoid_bias"), None, "n_shared_experts"),
+    (dict(attention="mla", n_kv_head=2, router="sigmoid_bias", n_shared_experts=1, shared_hidden=3), None,
+     "shared_hidden"),
+    (dict(attention="mla", n_kv_head=2, n_shared_experts=1), None, "router"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -260,8 +315,37 @@ def test_export_picks_the_family_by_its_distinctive_feature():
         and pick(attention_multiplier=0.1, n_shared_experts=1) == "granitemoeshared"
     )
     assert pick() == "mixtral"
+    mla = dict(attention="mla", n_kv_head=2, router="sigmoid_bias", n_shared_experts=1)
+    assert pick(**mla) == "deepseek_v3"
     with pytest.raises(ConfigError, match="model_type"):
         hf.hf_config_from(Config(**BASE), model_type="llama")
+
+
+def test_deepseek_rope_columns_are_permuted_and_mtp_layers_ignored():
+    model = random_model("deepseek_v3")
+    p, dn, dr = model.params, 3, 4
+    halves = hf.to_hf(model, rope_interleave=False)
+    inter = hf.to_hf(model)  # DeepSeek's interleaved pairs: rows [0, 2 | 1, 3] of each head's RoPE part
+    q = "model.layers.0.self_attn.q_b_proj.weight"
+    assert np.array_equal(halves[q], p["blocks.0.attn.wq_b"].T)
+    for h in range(4):  # per head [nope (3) | rope (4)]
+        rows = h * (dn + dr) + dn + np.arange(dr)
+        assert np.array_equal(inter[q][rows[[0, 2, 1, 3]]], halves[q][rows])
+        assert np.array_equal(inter[q][h * 7 : h * 7 + dn], halves[q][h * 7 : h * 7 + dn])
+    kv = "model.layers.2.self_attn.kv_a_proj_with_mqa.weight"
+    assert np.array_equal(inter[kv][:8], halves[kv][:8]) and np.array_equal(
+        inter[kv][[8, 10, 9, 11]], halves[kv][8:]
+    )
+    assert np.array_equal(
+        inter["model.layers.2.mlp.gate.e_score_correction_bias"], model.buffers["blocks.2.moe.router_bias"]
+    )
+    # the Hub checkpoint's multi-token-prediction layer (model.layers.<n_layer>.*) is not part of the model
+    cfg = dict(hf.hf_config_from(model), num_nextn_predict_layers=1)
+    extra = {"model.layers.3.eh_proj.weight": np.zeros((16, 32)), "model.layers.3.enorm.weight": np.ones(16)}
+    again = hf.from_hf({**inter, **extra}, cfg, dtype="float64")
+    assert all(np.array_equal(again.params[k], p[k]) for k in p)
+    with pytest.raises(ValueError, match="does not use"):  # ... but only those layers
+        hf.from_hf({**inter, **extra}, dict(cfg, num_nextn_predict_layers=0), dtype="float64")
 
 
 def test_save_and_load_pretrained_keep_the_family(tmp_path):
@@ -278,7 +362,7 @@ def test_save_and_load_pretrained_keep_the_family(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 MODULES = {"olmoe": "olmoe", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "granitemoe": "granitemoe",
-           "granitemoeshared": "granitemoeshared"}  # fmt: skip
+           "granitemoeshared": "granitemoeshared", "deepseek_v3": "deepseek_v3"}  # fmt: skip
 
 
 @pytest.fixture
@@ -324,6 +408,20 @@ def tf(tf_raw, monkeypatch):
             top = top / top.sum(dim=-1, keepdim=True)
         return logits, top, idx
 
+    def deepseek_router(self, h):  # DeepSeek-V3's code with its float32 casts removed
+        logits = F.linear(h.view(-1, self.hidden_dim), self.weight.to(h.dtype))
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias
+        grouped = choice.view(-1, self.num_group, self.num_experts // self.num_group)
+        group_idx = torch.topk(grouped.topk(2, dim=-1)[0].sum(dim=-1), k=self.topk_group, dim=-1)[1]
+        group_mask = torch.zeros_like(grouped[..., 0]).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, self.num_experts)
+        idx = torch.topk(choice.masked_fill(~score_mask.bool(), float("-inf")), k=self.top_k, dim=-1)[1]
+        w = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, w * self.routed_scaling_factor, idx
+
     def granite_router(self, h):  # Granite: top-k of the logits, softmax over those k
         logits = F.linear(h, self.weight)
         top, idx = logits.topk(self.top_k, dim=-1)
@@ -343,6 +441,8 @@ def tf(tf_raw, monkeypatch):
                 monkeypatch.setattr(
                     cls, "forward", granite_router if name.startswith("granite") else softmax_router
                 )
+            elif attr == "DeepseekV3TopkRouter":
+                monkeypatch.setattr(cls, "forward", deepseek_router)
     return tf_raw
 
 
@@ -360,8 +460,11 @@ def _hf_model(torch, transformers, cfg, seed=0):
     with torch.no_grad():
         for n, p in m.named_parameters():
             p.normal_(0.0, 0.3)
-            if n.endswith("norm.weight"):
+            if n.endswith(("norm.weight", "layernorm.weight")):
                 p.add_(1.0)
+        for n, b in m.named_buffers():
+            if n.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias, nonzero
+                b.normal_(0.0, 0.05)
     return m
 
 
@@ -380,7 +483,7 @@ def _compare(torch, transformers, case):
     ref_loss.backward()
     logits, loss = ours.forward(idx, targets)
     ours.backward()
-    grads = hf.to_hf(ours, grads=True, layout="fused")
+    grads = hf.to_hf(ours, grads=True, layout="fused", rope_interleave=cfg.get("rope_interleave", True))
     ref_grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}  # a tied head appears once
     assert sorted(grads) == sorted(ref_grads)
     errs = {n: rel_error(grads[n], ref_grads[n]) for n in ref_grads}
@@ -401,7 +504,10 @@ def test_parity_with_transformers(tf, case):
     # the other way: our random model, exported, run by transformers
     mine = random_model(case, seed=5)
     fresh = _hf_model(torch, transformers, CASES[case], seed=1)
-    sd = {k: torch.from_numpy(v) for k, v in hf.to_hf(mine, layout="fused").items()}
+    interleave = CASES[case].get("rope_interleave", True)
+    sd = {
+        k: torch.from_numpy(v) for k, v in hf.to_hf(mine, layout="fused", rope_interleave=interleave).items()
+    }
     missing, unexpected = fresh.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # the tied head is the embedding
     fresh.tie_weights()
@@ -424,7 +530,9 @@ def test_greedy_generation_matches_transformers(tf, case):
     assert generate(ours, prompt, 10, temperature=0.0) == theirs.tolist()  # our KV cache
 
 
-@pytest.mark.parametrize("case", ["olmoe", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared"])
+@pytest.mark.parametrize(
+    "case", ["olmoe", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "deepseek_v3"]
+)
 def test_unpatched_error_is_float32_round_off(tf_raw, case):
     """transformers' own code (float32 norms, RoPE tables and router inside a float64 model)."""
     e_logits, e_loss, e_grad, worst = _compare(*tf_raw, case)
@@ -432,7 +540,7 @@ def test_unpatched_error_is_float32_round_off(tf_raw, case):
     assert e_logits > 1e-12  # it really ran the float32 steps (else this test checks nothing new)
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe", "granitemoeshared"])
+@pytest.mark.parametrize("case", ["qwen3_moe", "granitemoeshared", "deepseek_v3"])
 def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path, case):
     torch, transformers = tf
     mine = random_model(case, seed=4)

@@ -10,7 +10,16 @@ FULL = [name for name, d in PRESETS.items() if d.get("counted_only")]
 
 
 def test_toy_and_full_presets_are_the_documented_ones():
-    assert TOY == ["dense", "mixtral", "switch", "deepseek", "gpt4-rumoured", "olmoe", "qwen-moe"]
+    assert TOY == [
+        "dense",
+        "mixtral",
+        "switch",
+        "deepseek",
+        "gpt4-rumoured",
+        "olmoe",
+        "qwen-moe",
+        "deepseek-v3",
+    ]
     assert set(FULL) == {
         "gpt2-124m",
         "gpt3-175b",
@@ -20,6 +29,7 @@ def test_toy_and_full_presets_are_the_documented_ones():
         "qwen1.5-moe-a2.7b",
         "qwen3-30b-a3b",
         "granite-3.0-1b-a400m",
+        "deepseek-v3-671b",
         "gpt4-rumoured-full",
     }
 
@@ -32,7 +42,13 @@ def test_toy_and_full_presets_are_the_documented_ones():
         ("olmoe-1b-7b", 6.9e9, 1.3e9, 0.03),  # Muennighoff et al. 2024
         ("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9, 0.01),  # Qwen team 2024
         ("qwen3-30b-a3b", 30.5e9, 3.3e9, 0.02),  # Qwen3 model card: we count 3.35B active
-        ("granite-3.0-1b-a400m", 1.3e9, 400e6, 0.08),  # IBM 2024, 1-2 significant figures: 1.34B, 429M
+        ("granite-3.0-1b-a400m", 1.3e9, 400e6, 0.08),
+        (
+            "deepseek-v3-671b",
+            671e9,
+            37e9,
+            0.015,
+        ),  # DeepSeek-AI 2024: we count 671.0B and 37.6B  # IBM 2024, 1-2 significant figures: 1.34B, 429M
         ("gpt4-rumoured-full", 1.8e12, 280e9, 0.05),  # the unconfirmed 2023 leak
         ("gpt3-175b", 175e9, 175e9, 0.01),  # Brown et al. 2020 (dense: active == total)
     ],
@@ -61,6 +77,9 @@ V, C, L = 256, 128, 4
 EMBED_HEAD_NORM = V * C + C * V + C  # token embedding, output head, final RMSNorm
 ATTN_AND_NORMS = C * 3 * C + C * C + 2 * C  # wqkv, wo, two RMSNorm gains
 SWIGLU = 3 * C  # weights per unit of hidden width F (w1, w3: C x F; w2: F x C)
+# the deepseek-v3 preset's MLA: wq_a C x 64, its norm, wq_b 64 x 4(32 + 16), wkv_a C x (64 + 16), its norm,
+# wkv_b 64 x 4(32 + 32), wo 4*32 x C; and the two RMSNorm gains of the block
+MLA_AND_NORMS = C * 64 + 64 + 64 * 4 * 48 + C * 80 + 64 + 64 * 4 * 64 + 4 * 32 * C + 2 * C
 
 ACTIVE_BY_HAND = {
     "dense": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + SWIGLU * 512),
@@ -76,6 +95,8 @@ ACTIVE_BY_HAND = {
     "olmoe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 8 * SWIGLU * 64 + C * 64 + 2 * C),
     # 4 of 32 experts of F = 64 + a shared expert of F = 256 + its gate C x 1 + router C x 32 + q/k/v biases
     "qwen-moe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 4 * SWIGLU * 64 + SWIGLU * 256 + C + C * 32 + 3 * C),
+    # MLA; block 0 dense (F = 512); then 7 of 32 experts of F = 64 + a shared one of F = 64 + router C x 32
+    "deepseek-v3": EMBED_HEAD_NORM + L * MLA_AND_NORMS + SWIGLU * 512 + (L - 1) * (8 * SWIGLU * 64 + C * 32),
 }
 TOTAL_BY_HAND = {
     "dense": ACTIVE_BY_HAND["dense"],
@@ -85,6 +106,7 @@ TOTAL_BY_HAND = {
     "gpt4-rumoured": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 16 * SWIGLU * 256 + C * 16),
     "olmoe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 64 * SWIGLU * 64 + C * 64 + 2 * C),
     "qwen-moe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 32 * SWIGLU * 64 + SWIGLU * 256 + C + C * 32 + 3 * C),
+    "deepseek-v3": EMBED_HEAD_NORM + L * MLA_AND_NORMS + SWIGLU * 512 + (L - 1) * (33 * SWIGLU * 64 + C * 32),
 }
 
 

@@ -1,5 +1,5 @@
 """config.json <-> Config for the llama-like MoE families: Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE,
-Granite-MoE and Granite-MoE-Shared (DeepSeek-V3 adds Multi-head Latent Attention).
+Granite-MoE, Granite-MoE-Shared and DeepSeek-V3 (with Multi-head Latent Attention).
 
 All of them are RMSNorm + RoPE + SwiGLU decoders whose MoE blocks differ in a few choices, which
 these tables name: the plain copies (LLAMA_FIELDS and each family's `fields`, with transformers'
@@ -45,6 +45,7 @@ LLAMA_FIELDS = {
 # every-block MoE of SwiGLU experts under a softmax router renormalised over its K, and none of the
 # other families' features.
 LLAMA_NEEDS = {
+    "attention": "mha",
     "norm": "rmsnorm",
     "activation": "swiglu",
     "pos_emb": "rope",
@@ -139,9 +140,30 @@ FAMILIES = {
         dict(bias=ANY, qkv_bias=ANY, n_shared_experts=ANY, **{m: ANY for m in _MULTIPLIERS}),
         dict(ffn_hidden="intermediate_size", qkv_bias="attention_bias", n_shared_experts="shared_intermediate_size"),
     ),
+    "deepseek_v3": Family(
+        "DeepseekV3ForCausalLM",
+        dict(n_experts="n_routed_experts", expert_hidden="moe_intermediate_size", ffn_hidden="intermediate_size",
+             n_shared_experts="n_shared_experts", routed_scaling_factor="routed_scaling_factor",
+             n_group="n_group", topk_group="topk_group", first_dense="first_k_dense_replace",
+             renormalize="norm_topk_prob", q_lora_rank="q_lora_rank", kv_lora_rank="kv_lora_rank",
+             qk_nope_head_dim="qk_nope_head_dim", qk_rope_head_dim="qk_rope_head_dim", v_head_dim="v_head_dim"),
+        dict(_COMMON, vocab_size=129280, max_position_embeddings=4096, num_hidden_layers=61,
+             num_attention_heads=128, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+             rms_norm_eps=1e-6, n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
+             routed_scaling_factor=2.5, n_group=8, topk_group=4, first_k_dense_replace=3, norm_topk_prob=True,
+             q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+             router_aux_loss_coef=0.0),
+        dict(attention="mla", router="sigmoid_bias", renormalize=ANY, first_dense=ANY, n_shared_experts=ANY,
+             n_group=ANY, routed_scaling_factor=ANY),
+        dict(n_kv_head="num_key_value_heads", shared_hidden="moe_intermediate_size"),
+    ),
 }  # fmt: skip
 # Other names transformers accepts for a field (its configs' attribute_map).
-ALIASES = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}
+ALIASES = {
+    "num_experts": "num_local_experts",
+    "num_local_experts": "num_experts",
+    "n_routed_experts": "num_local_experts",
+}
 
 
 def fail(field, value, valid):
@@ -173,7 +195,7 @@ def llama_config(cfg: dict, kind: str, training: bool) -> dict:
         fail("attention_bias", cfg["attention_bias"], f"{fam.architecture} has no attention biases")
     kw["rope_theta"] = _rope_theta(cfg, fam.defaults["rope_theta"])
     C, H = kw["n_embd"], kw["n_head"]
-    head_dim = cfg.get("head_dim")
+    head_dim = cfg.get("head_dim") if kind != "deepseek_v3" else None  # DeepSeek's is qk_rope_head_dim
     if head_dim is not None and head_dim * H != C:
         if kind == "olmoe":  # its q_norm has hidden_size gains: H * head_dim must be C
             fail("head_dim", head_dim, f"OLMoE needs hidden_size / num_attention_heads = {C}/{H}")
@@ -247,6 +269,22 @@ def _read_granite(cfg, kw, training):
         kw.update(n_shared_experts=1, shared_hidden=shared)
 
 
+def _read_deepseek_v3(cfg, kw, training):
+    if kw["n_kv_head"] != kw["n_head"]:  # MLA makes every head's keys from the latent
+        fail("num_key_value_heads", kw["n_kv_head"], f"MLA needs num_attention_heads = {kw['n_head']}")
+    for field, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if cfg.get(field, want) != want:
+            fail(field, cfg[field], f"DeepSeek-V3's router is {want!r} here")
+    if cfg.get("quantization_config"):  # the Hub's FP8 blocks with their scales
+        fail(
+            "quantization_config",
+            "...",
+            "minimoe reads bf16/f16/f32 weights; dequantize the checkpoint first",
+        )
+    kw.update(attention="mla", router="sigmoid_bias", shared_hidden=kw["expert_hidden"], bias=False)
+    kw.update(n_group=kw["n_group"] or 1, topk_group=kw["topk_group"] or 1)
+
+
 _READ = {
     "mixtral": _read_mixtral,
     "olmoe": _read_olmoe,
@@ -254,6 +292,7 @@ _READ = {
     "qwen3_moe": _read_qwen3_moe,
     "granitemoe": _read_granite,
     "granitemoeshared": _read_granite,
+    "deepseek_v3": _read_deepseek_v3,
 }
 
 
@@ -261,6 +300,8 @@ _READ = {
 def detect(c: Config) -> str:
     """The llama-like family whose function a Config computes, by the feature only it has
     (check_family then names any field that family cannot represent)."""
+    if c.attention == "mla" or c.router == "sigmoid_bias":
+        return "deepseek_v3"
     if c.qk_norm == "full":
         return "olmoe"
     if c.qk_norm == "head":
@@ -290,6 +331,11 @@ def check_family(c: Config, kind: str) -> None:
         refuse("head_dim", f"n_embd / n_head = {c.n_embd // c.n_head} (OLMoE's q_norm spans hidden_size)")
     if kind == "granitemoeshared" and c.n_shared_experts > 1:
         refuse("n_shared_experts", "0 or 1 (one shared MLP)")
+    if kind == "deepseek_v3":
+        if c.n_shared_experts < 1:
+            refuse("n_shared_experts", ">= 1 (DeepSeek-V3's MoE always has shared experts)")
+        if c.shared_hidden != c.expert_hidden:
+            refuse("shared_hidden", f"expert_hidden = {c.expert_hidden} (its shared experts are routed-size)")
 
 
 def llama_hf_config(c: Config, kind: str) -> dict:
@@ -298,6 +344,9 @@ def llama_hf_config(c: Config, kind: str) -> dict:
     out = {"model_type": kind, "architectures": [fam.architecture]}
     out.update({theirs: getattr(c, ours) for ours, theirs in {**LLAMA_FIELDS, **fam.fields}.items()})
     out.update(head_dim=c.head_size, hidden_act="silu", rope_theta=c.rope_theta, attention_dropout=0.0)
+    if kind == "deepseek_v3":  # the weights are written in DeepSeek's interleaved RoPE layout (hf/names.py)
+        out.update(head_dim=c.qk_rope_head_dim, q_lora_rank=c.q_lora_rank or None, rope_interleave=True)
+        out.update(num_nextn_predict_layers=0, scoring_func="sigmoid", topk_method="noaux_tc")
     out.update(output_router_logits=False)
     if kind == "mixtral":
         jitter = c.router_jitter if c.jitter_scope == "moe" else 0.0  # training only, like dropout
@@ -306,7 +355,7 @@ def llama_hf_config(c: Config, kind: str) -> dict:
         out.update(clip_qkv=None)
     elif kind in ("qwen2_moe", "qwen3_moe"):
         out.update(mlp_only_layers=list(range(c.first_dense)), use_sliding_window=False)
-    else:  # Granite: an explicit attention_multiplier (transformers' default is 1.0, not 1/sqrt(D))
+    elif kind.startswith("granite"):  # an explicit attention_multiplier (transformers' default is 1.0)
         m = c.attention_multiplier
         out.update(attention_multiplier=m if m is not None else 1.0 / math.sqrt(c.head_size))
         if kind == "granitemoeshared":

@@ -74,7 +74,10 @@ def _from_state_dict(sd: dict, hf_config: dict, dtype, training: bool) -> GPT:
         del named[k]
     buffer_shapes = {k: v.shape for k, v in moe.init_buffers(config).items()}  # DeepSeek-V3's selection bias
     shapes = {**param_shapes(config), **buffer_shapes}
-    entries = name_map(config, kind, shapes)
+    entries = name_map(config, kind, shapes, bool(hf_config.get("rope_interleave", True)))
+    mtp = range(config.n_layer, config.n_layer + int(hf_config.get("num_nextn_predict_layers") or 0))
+    for k in [k for k in named if kind == "deepseek_v3" and _layer_of(k) in mtp]:
+        del named[k]  # DeepSeek-V3's multi-token-prediction layers: not part of the model, as in transformers
     if config.tie_embeddings and "lm_head.weight" in named:  # a tied model's state_dict may repeat the head
         head, embedding = named.pop("lm_head.weight"), entries[0].theirs[0]  # wte comes first in every table
         if embedding in named and not numpy.array_equal(_as_numpy(head), _as_numpy(named[embedding])):
@@ -89,7 +92,7 @@ def _from_state_dict(sd: dict, hf_config: dict, dtype, training: bool) -> GPT:
                 f"state_dict has no {missing[0]!r} (needed for {ours[0]}); is this a {kind} checkpoint?"
             )
         parts = [_as_numpy(named.pop(k)) for k in theirs]
-        for name, arr in zip(ours, to_ours(parts, how)):
+        for name, arr in zip(ours, to_ours(parts, how, config)):
             if arr.shape != shapes[name]:
                 raise CheckpointError(
                     f"{theirs[0]} has shape {parts[0].shape}, which gives {arr.shape} for {name}; "
@@ -109,7 +112,19 @@ def _from_state_dict(sd: dict, hf_config: dict, dtype, training: bool) -> GPT:
     return model.eval()
 
 
-def to_hf(model: GPT, grads: bool = False, layout: str = "checkpoint", model_type: str | None = None) -> dict:
+def _layer_of(name: str) -> int:
+    """k of a "model.layers.k." name, else -1."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else -1
+
+
+def to_hf(
+    model: GPT,
+    grads: bool = False,
+    layout: str = "checkpoint",
+    model_type: str | None = None,
+    rope_interleave: bool = True,
+) -> dict:
     """HF name -> numpy array of the model's parameters (and buffers that checkpoints hold), or
     (grads=True) of the gradients from the last backward(). Arrays keep the model's dtype.
 
@@ -118,6 +133,8 @@ def to_hf(model: GPT, grads: bool = False, layout: str = "checkpoint", model_typ
     the two are the same). Tied models write only the embedding (see the module docstring).
     model_type: the HF architecture to write (None: the one `hf.config.family` picks);
     ConfigError naming the first Config field it cannot represent.
+    rope_interleave: DeepSeek-V3's RoPE columns in DeepSeek's interleaved-pairs layout (True, as its
+    checkpoints and the config.json hf_config_from writes) or in our rotate-halves one (False).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -131,7 +148,7 @@ def to_hf(model: GPT, grads: bool = False, layout: str = "checkpoint", model_typ
     if not grads:
         src = {**src, **model.buffers}
     out = {}
-    for ours, how, theirs in name_map(c, kind, src):
+    for ours, how, theirs in name_map(c, kind, src, rope_interleave):
         for name, a in zip(theirs, to_theirs([backend.to_numpy(src[o]) for o in ours], how, c)):
             out[name] = numpy.ascontiguousarray(a)
     return fuse(out, c, kind) if layout == "fused" else out

@@ -9,6 +9,9 @@ Each row reads: our parameter name(s), how our array is made from theirs, their 
     stacked_T  one (E, out, in) tensor -> (E, in, out)
     gate_up    one (E, 2F, C) tensor of rows [gate | up] -> our experts.w1 and .w3, (E, C, F) each
     halves_T   one (2F, C) tensor of rows [gate | up] -> our w1 and w3, (C, F) each
+    q_rope     DeepSeek-V3's query projection: T, and each head's RoPE columns from DeepSeek's
+               interleaved pairs to our rotate-halves layout (ops/mla.rope_interleave_perm)
+    kv_rope    DeepSeek-V3's kv_a_proj_with_mqa: T, and the RoPE key's columns likewise
 Block rows are relative to the block's prefix ({i}: the block number); "{e}" is the expert number.
 """
 
@@ -109,6 +112,21 @@ GRANITE_MOE = (
     ("moe.shared.w2", "T", ("shared_mlp.output_linear.weight",)),
 )
 
+# DeepSeek-V3: Multi-head Latent Attention (layers/mla.py has the shapes), then Llama's MLP in its
+# first dense blocks and Qwen-style experts, the selection bias and n_shared_experts side by side.
+DEEPSEEK_ATTENTION = (
+    ("ln1.w", "same", ("input_layernorm.weight",)),
+    ("attn.wq", "q_rope", ("self_attn.q_proj.weight",)),  # q_lora_rank 0: a direct query
+    ("attn.wq_a", "T", ("self_attn.q_a_proj.weight",)),
+    ("attn.q_a_norm.w", "same", ("self_attn.q_a_layernorm.weight",)),
+    ("attn.wq_b", "q_rope", ("self_attn.q_b_proj.weight",)),
+    ("attn.wkv_a", "kv_rope", ("self_attn.kv_a_proj_with_mqa.weight",)),
+    ("attn.kv_a_norm.w", "same", ("self_attn.kv_a_layernorm.weight",)),
+    ("attn.wkv_b", "T", ("self_attn.kv_b_proj.weight",)),
+    ("attn.wo", "T", ("self_attn.o_proj.weight",)),
+    ("ln2.w", "same", ("post_attention_layernorm.weight",)),
+)
+
 # An untied output head, in every architecture: nn.Linear (V, C) -> our (C, V).
 LM_HEAD = ("lm_head", "T", ("lm_head.weight",))
 
@@ -121,6 +139,7 @@ TABLES = {  # model_type -> (top rows, layer prefix, block rows)
     "qwen3_moe": (*_LLAMA, LLAMA_ATTENTION + LLAMA_MLP + QWEN_MOE),
     "granitemoe": (*_LLAMA, LLAMA_ATTENTION + GRANITE_MOE),
     "granitemoeshared": (*_LLAMA, LLAMA_ATTENTION + GRANITE_MOE),
+    "deepseek_v3": (*_LLAMA, DEEPSEEK_ATTENTION + LLAMA_MLP + QWEN_MOE + DEEPSEEK_SHARED),
 }
 
 # Buffers some checkpoints carry that are not parameters: GPT-2's causal mask, old RoPE tables.
@@ -158,17 +177,19 @@ FUSED = {
     ),
 }
 FUSED["granitemoeshared"] = FUSED["granitemoe"]
+FUSED["deepseek_v3"] = _QWEN_FUSED
 
 
 class Entry(NamedTuple):
     ours: tuple  # our parameter (or buffer) name(s)
-    how: str  # same | T | qkv | cat | experts | gate_up | stacked_T | halves_T
+    how: str  # same | T | qkv | cat | experts | gate_up | stacked_T | halves_T | q_rope | kv_rope
     theirs: list  # the full HF names it is made of
 
 
-def name_map(c: Config, kind: str, have) -> list:
+def name_map(c: Config, kind: str, have, rope_interleave: bool = True) -> list:
     """Every parameter (and buffer) in `have` (our names) of a model of Config c as an Entry of
-    HF architecture `kind`, with full HF checkpoint names. ConfigError when one of `have` has no row."""
+    HF architecture `kind`, with full HF checkpoint names. ConfigError when one of `have` has no row.
+    rope_interleave=False (a DeepSeek config.json saying so): the RoPE columns are already ours."""
     top, layer, block = TABLES[kind]
     rows = [(ours, how, theirs, "") for ours, how, theirs in top]
     for i in range(c.n_layer):
@@ -183,8 +204,10 @@ def name_map(c: Config, kind: str, have) -> list:
             theirs = [layer.format(i=i) + t for t in theirs]
         if not all(o in have for o in ours):
             continue
-        if how in ("experts",):
+        if how == "experts":
             theirs = [n.format(e=e) for n in theirs for e in range(c.n_experts)]
+        if how in ("q_rope", "kv_rope") and not rope_interleave:
+            how = "T"
         entries.append(Entry(ours, how, list(theirs)))
         covered.update(ours)
     unmapped = sorted(set(have) - covered)
@@ -193,11 +216,24 @@ def name_map(c: Config, kind: str, have) -> list:
     return entries
 
 
-def to_ours(arrays: list, how: str) -> list:
+def rope_columns(how: str, c: Config) -> list:
+    """Our column j of a DeepSeek-V3 projection is their row cols[j]: each query head is
+    [nope (dn) | rope (dr)], kv_a is [latent (rkv) | rope key (dr)], and a RoPE part's columns
+    are their interleaved pairs reordered to rotate-halves, perm = [0, 2, 4, ..., 1, 3, 5, ...]."""
+    dn, dr = c.qk_nope_head_dim, c.qk_rope_head_dim
+    perm = list(range(0, dr, 2)) + list(range(1, dr, 2))  # = ops.mla.rope_interleave_perm(dr)
+    if how == "kv_rope":
+        return list(range(c.kv_lora_rank)) + [c.kv_lora_rank + j for j in perm]
+    return [h * (dn + dr) + j for h in range(c.n_head) for j in list(range(dn)) + [dn + p for p in perm]]
+
+
+def to_ours(arrays: list, how: str, c: Config) -> list:
     """Our array(s) from their tensors (numpy arrays), following `how`."""
     a = arrays[0]
     if how == "same":
         return [a]
+    if how in ("q_rope", "kv_rope"):
+        return [a.T[:, rope_columns(how, c)]]
     if how == "T":
         return [a.T]
     if how == "qkv":
@@ -221,6 +257,8 @@ def to_theirs(ours: list, how: str, c: Config) -> list:
         return [a]
     if how == "T":
         return [a.T]
+    if how in ("q_rope", "kv_rope"):
+        return [a[:, numpy.argsort(rope_columns(how, c))].T]
     if how in ("qkv", "cat"):
         H, Hkv, D = c.n_head, c.n_kv_head, c.head_size
         cuts = numpy.cumsum([H * D, Hkv * D])

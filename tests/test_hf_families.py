@@ -530,9 +530,7 @@ def test_greedy_generation_matches_transformers(tf, case):
     assert generate(ours, prompt, 10, temperature=0.0) == theirs.tolist()  # our KV cache
 
 
-@pytest.mark.parametrize(
-    "case", ["olmoe", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "deepseek_v3"]
-)
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_unpatched_error_is_float32_round_off(tf_raw, case):
     """transformers' own code (float32 norms, RoPE tables and router inside a float64 model)."""
     e_logits, e_loss, e_grad, worst = _compare(*tf_raw, case)

@@ -36,7 +36,7 @@ from minimoe import get_preset, hf  # noqa: E402
 from minimoe.hf.config import family  # noqa: E402
 from minimoe.hf.names import name_map, to_theirs  # noqa: E402
 from minimoe.layers.moe import init_buffers  # noqa: E402
-from minimoe.model import param_shapes  # noqa: E402
+from minimoe.layers.params import param_shapes  # noqa: E402
 
 SHARD_BYTES = 1 << 30  # transformers' default max_shard_size is larger; 1 GiB gives a sharded folder
 

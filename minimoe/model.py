@@ -28,77 +28,14 @@ import numpy
 from minimoe import backend
 from minimoe.config import Config
 from minimoe.layers import attention, ffn, mla, moe
+from minimoe.layers.params import init_params, param_shapes
 from minimoe.ops import dropout, embedding, linear, loss, norm
 from minimoe.ops.attention import rope_tables
-
-
-def _init_params(config: Config, seed: int, rng=None) -> dict:
-    """Host (numpy, float64) initial weights, so every backend starts from identical numbers.
-
-    N(0, init_std) for matrices, with GPT-2's 1/sqrt(2 * n_layer) shrink on the projections that
-    write into the residual stream (attn.wo, mlp.w2, experts' w2); ones for norm gains; zeros
-    for biases.
-    """
-    c = config
-    rng = numpy.random.default_rng(seed) if rng is None else rng
-    C, V, F = c.n_embd, c.vocab_size, c.ffn_hidden
-    std, std_out = c.init_std, c.init_std / math.sqrt(2 * c.n_layer)
-    p = {}
-
-    def normal(shape, s):
-        return rng.standard_normal(shape) * s
-
-    p["wte"] = normal((V, C), std)
-    if c.pos_emb == "learned":
-        p["wpe"] = normal((c.block_size, C), std)
-    for i in range(c.n_layer):
-        pre = f"blocks.{i}."
-        p[pre + "ln1.w"] = numpy.ones(C)
-        if c.norm == "layernorm":
-            p[pre + "ln1.b"] = numpy.zeros(C)
-        if c.attention == "mla":
-            p.update(mla.init_params(c, pre + "attn.", rng, std, std_out))
-        else:
-            p.update(attention.init_params(c, pre + "attn.", rng, std, std_out))
-        p[pre + "ln2.w"] = numpy.ones(C)
-        if c.norm == "layernorm":
-            p[pre + "ln2.b"] = numpy.zeros(C)
-        if c.is_moe_block(i):
-            p.update(moe.init_params(c, pre + "moe.", rng, std, std_out))
-        else:
-            p.update(ffn.init_ffn_params(c, pre + "mlp.", F, rng, std, std_out))
-    p["ln_f.w"] = numpy.ones(C)
-    if c.norm == "layernorm":
-        p["ln_f.b"] = numpy.zeros(C)
-    if not c.tie_embeddings:
-        p["lm_head"] = normal((C, V), std)
-    return p
 
 
 def _scale(x, s: float):
     """x * s, or x itself when s = 1 (the muP-style multipliers are 1 outside Granite)."""
     return x if s == 1.0 else x * s
-
-
-class _Shape:
-    """A weight's shape standing in for the weight: `param_shapes` draws nothing and stores nothing."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-    def __mul__(self, _):
-        return self
-
-
-class _ShapeRng:
-    def standard_normal(self, shape):
-        return _Shape(shape)
-
-
-def param_shapes(config: Config) -> dict:
-    """{name: shape} of the parameters GPT(config) has, in its order, without allocating them
-    (hf.load_pretrained fills a model of several GB from a checkpoint this way)."""
-    return {k: tuple(v.shape) for k, v in _init_params(config, 0, rng=_ShapeRng()).items()}
 
 
 class StepCaches(dict):
@@ -145,7 +82,7 @@ class GPT:
         # params (given: name -> host array, e.g. from a checkpoint; the dict is emptied) are
         # converted one by one, each dropped once converted: two copies of the weights never coexist
         if params is None:
-            params = _init_params(config, seed)
+            params = init_params(config, seed)
         elif {k: tuple(v.shape) for k, v in params.items()} != param_shapes(config):
             raise ValueError("params must hold exactly the names and shapes of param_shapes(config)")
         self.params = {k: backend.to_device(params.pop(k), self.xp, self.dtype) for k in param_shapes(config)}

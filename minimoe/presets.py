@@ -62,62 +62,24 @@ PRESETS = {
     # OLMoE-style (Muennighoff et al. 2024): many small experts, top-8 of 64 of F = 64, gates NOT
     # renormalised, QK-norm over the whole q and k projections, a z-loss. Active FFN weights per
     # token: 8 * 3*128*64 = 196,608 (= dense) + router 128*64 + QK-norm gains 2*128.
-    "olmoe": dict(
-        _TOY,
-        n_experts=64,
-        top_k=8,
-        expert_hidden=64,
-        router="softmax",
-        renormalize=False,
-        qk_norm="full",
-        aux_loss_coef=0.01,
-        z_loss_coef=0.001,
-    ),
+    "olmoe": dict(_TOY, n_experts=64, top_k=8, expert_hidden=64, router="softmax", renormalize=False,
+                  qk_norm="full", aux_loss_coef=0.01, z_loss_coef=0.001),
     # Qwen1.5-MoE-style (Qwen team 2024): top-4 of 32 routed experts of F = 64 plus one shared
     # expert of F = 256 (four routed experts' worth, as in Qwen1.5-MoE) behind a sigmoid gate per
     # token, gates not renormalised, biases on q, k, v only. Active: (4*64 + 256) * 3*128 =
     # 196,608 (= dense) + router 128*32 + shared gate 128 + q/k/v biases 3*128.
-    "qwen-moe": dict(
-        _TOY,
-        n_experts=32,
-        top_k=4,
-        expert_hidden=64,
-        n_shared_experts=1,
-        shared_hidden=256,
-        shared_gate=True,
-        router="softmax",
-        renormalize=False,
-        qkv_bias=True,
-        aux_loss_coef=0.01,
-    ),
+    "qwen-moe": dict(_TOY, n_experts=32, top_k=4, expert_hidden=64, n_shared_experts=1, shared_hidden=256,
+                     shared_gate=True, router="softmax", renormalize=False, qkv_bias=True, aux_loss_coef=0.01),
     # DeepSeek-V3-style (DeepSeek-AI 2024): Multi-head Latent Attention (query latent 64, key/value
     # latent 64, RoPE part 16: 63,488 attention weights per block against MHA's 65,536), the first
     # block dense (F = 512), then top-7 of 32 routed experts of F = 64 chosen within the best 4 of 8
     # groups, plus one shared expert of F = 64; sigmoid gates renormalised and scaled by 2.5, the
     # load balanced by the selection bias (no balancing loss). Active FFN weights per token:
     # (7 + 1) * 3*128*64 = 196,608 (= dense) + router 128*32 in the MoE blocks.
-    "deepseek-v3": dict(
-        _TOY,
-        attention="mla",
-        q_lora_rank=64,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        ffn_hidden=512,
-        first_dense=1,
-        n_experts=32,
-        top_k=7,
-        expert_hidden=64,
-        n_shared_experts=1,
-        shared_hidden=64,
-        router="sigmoid_bias",
-        n_group=8,
-        topk_group=4,
-        routed_scaling_factor=2.5,
-        aux_loss_coef=0.0,
-        bias_update_rate=1e-3,
-    ),
+    "deepseek-v3": dict(_TOY, attention="mla", q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+                        qk_rope_head_dim=16, v_head_dim=32, ffn_hidden=512, first_dense=1, n_experts=32, top_k=7,
+                        expert_hidden=64, n_shared_experts=1, shared_hidden=64, router="sigmoid_bias", n_group=8,
+                        topk_group=4, routed_scaling_factor=2.5, aux_loss_coef=0.0, bias_update_rate=1e-3),
     # ---------------- published full-size configurations: counted, never built ----------------
     # GPT-2 small (Radford et al. 2019), 124M.
     "gpt2-124m": dict(
@@ -191,100 +153,36 @@ PRESETS = {
     # Qwen1.5-MoE-A2.7B (Qwen team, "Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated
     # Parameters", 2024; Qwen/Qwen1.5-MoE-A2.7B config.json): 60 experts (F = 1408), top-4, one
     # gated shared expert (F = 5632), biases on q/k/v; 14.3B total, 2.7B active.
-    "qwen1.5-moe-a2.7b": dict(
-        flavour="llama",
-        vocab_size=151936,
-        block_size=8192,
-        n_layer=24,
-        n_head=16,
-        n_embd=2048,
-        ffn_hidden=5632,
-        n_experts=60,
-        top_k=4,
-        expert_hidden=1408,
-        n_shared_experts=1,
-        shared_hidden=5632,
-        shared_gate=True,
-        qkv_bias=True,
-        renormalize=False,
-        rope_theta=1e6,
-        counted_only=True,
-    ),
+    "qwen1.5-moe-a2.7b": dict(flavour="llama", vocab_size=151936, block_size=8192, n_layer=24, n_head=16,
+                              n_embd=2048, ffn_hidden=5632, n_experts=60, top_k=4, expert_hidden=1408,
+                              n_shared_experts=1, shared_hidden=5632, shared_gate=True, qkv_bias=True,
+                              renormalize=False, rope_theta=1e6, counted_only=True),
     # Qwen3-30B-A3B (Qwen team, Qwen3 technical report 2025; Qwen/Qwen3-30B-A3B config.json and
     # model card): 128 experts (F = 768), top-8, GQA 32/4 heads of head_dim 128 (H D = 4096 != C),
     # QK-norm per head; 30.5B total, 3.3B active (we count 3.35B: see docs/families.md).
-    "qwen3-30b-a3b": dict(
-        flavour="llama",
-        vocab_size=151936,
-        block_size=40960,
-        n_layer=48,
-        n_head=32,
-        n_kv_head=4,
-        head_dim=128,
-        n_embd=2048,
-        ffn_hidden=6144,
-        n_experts=128,
-        top_k=8,
-        expert_hidden=768,
-        qk_norm="head",
-        rope_theta=1e6,
-        counted_only=True,
-    ),
+    "qwen3-30b-a3b": dict(flavour="llama", vocab_size=151936, block_size=40960, n_layer=48, n_head=32, n_kv_head=4,
+                          head_dim=128, n_embd=2048, ffn_hidden=6144, n_experts=128, top_k=8, expert_hidden=768,
+                          qk_norm="head", rope_theta=1e6, counted_only=True),
     # DeepSeek-V3 671B (DeepSeek-AI, DeepSeek-V3 technical report 2024, sec. 4.2 and table 1;
     # deepseek-ai/DeepSeek-V3 config.json): 61 layers, MLA (q latent 1536, kv latent 512, 128 heads of
     # 128 + 64 RoPE), the first 3 blocks dense (F = 18432), then 256 routed experts (F = 2048) of which
     # 8, within the best 4 of 8 groups, + 1 shared expert; 671B total, 37B active (we count 671.0B
     # and 37.6B with the input embedding and output head; the 14B multi-token-prediction module is
     # not counted, as in the report's 671B).
-    "deepseek-v3-671b": dict(
-        flavour="llama",
-        vocab_size=129280,
-        block_size=4096,
-        n_layer=61,
-        n_head=128,
-        n_embd=7168,
-        ffn_hidden=18432,
-        norm_eps=1e-6,
-        attention="mla",
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        first_dense=3,
-        n_experts=256,
-        top_k=8,
-        expert_hidden=2048,
-        n_shared_experts=1,
-        router="sigmoid_bias",
-        n_group=8,
-        topk_group=4,
-        routed_scaling_factor=2.5,
-        aux_loss_coef=0.0,
-        counted_only=True,
-    ),
+    "deepseek-v3-671b": dict(flavour="llama", vocab_size=129280, block_size=4096, n_layer=61, n_head=128,
+                             n_embd=7168, ffn_hidden=18432, norm_eps=1e-6, attention="mla", q_lora_rank=1536,
+                             kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                             first_dense=3, n_experts=256, top_k=8, expert_hidden=2048, n_shared_experts=1,
+                             router="sigmoid_bias", n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                             aux_loss_coef=0.0, counted_only=True),
     # Granite-3.0-1B-A400M (IBM, Granite 3.0 language models report 2024;
     # ibm-granite/granite-3.0-1b-a400m-base config.json and model card): 32 experts (F = 512), top-8,
     # GQA 16/8, tied embeddings, muP multipliers; 1.3B total, 400M active (we count 429M: see
     # docs/families.md).
-    "granite-3.0-1b-a400m": dict(
-        flavour="llama",
-        vocab_size=49155,
-        block_size=4096,
-        n_layer=24,
-        n_head=16,
-        n_kv_head=8,
-        n_embd=1024,
-        n_experts=32,
-        top_k=8,
-        expert_hidden=512,
-        tie_embeddings=True,
-        embedding_multiplier=12.0,
-        attention_multiplier=0.015625,
-        residual_multiplier=0.22,
-        logits_scaling=6.0,
-        counted_only=True,
-    ),
+    "granite-3.0-1b-a400m": dict(flavour="llama", vocab_size=49155, block_size=4096, n_layer=24, n_head=16,
+                                 n_kv_head=8, n_embd=1024, n_experts=32, top_k=8, expert_hidden=512,
+                                 tie_embeddings=True, embedding_multiplier=12.0, attention_multiplier=0.015625,
+                                 residual_multiplier=0.22, logits_scaling=6.0, counted_only=True),
     # GPT-4 as RUMOURED: an UNCONFIRMED leak (SemiAnalysis, July 2023; never confirmed by OpenAI):
     # ~1.8T parameters, 120 layers, 16 experts of ~111B each, top-2, ~55B shared attention
     # parameters, ~280B active per token. A width of 10752 (84 heads of 128) with GELU MLP experts
@@ -301,7 +199,7 @@ PRESETS = {
         tie_embeddings=False,
         counted_only=True,
     ),
-}
+}  # fmt: skip
 
 
 def toy_presets() -> list[str]:

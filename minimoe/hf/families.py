@@ -29,45 +29,21 @@ class Family(NamedTuple):
 
 # Config field -> config.json field, the same in every llama-like family.
 LLAMA_FIELDS = {
-    "vocab_size": "vocab_size",
-    "block_size": "max_position_embeddings",
-    "n_layer": "num_hidden_layers",
-    "n_head": "num_attention_heads",
-    "n_kv_head": "num_key_value_heads",
-    "n_embd": "hidden_size",
-    "norm_eps": "rms_norm_eps",
-    "tie_embeddings": "tie_word_embeddings",
-    "top_k": "num_experts_per_tok",
-    "aux_loss_coef": "router_aux_loss_coef",
-    "init_std": "initializer_range",
-}
+    "vocab_size": "vocab_size", "block_size": "max_position_embeddings", "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
+    "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings", "top_k": "num_experts_per_tok",
+    "aux_loss_coef": "router_aux_loss_coef", "init_std": "initializer_range",
+}  # fmt: skip
 # What every exported llama-like Config must be (a family's `needs` override entries): a dropless,
 # every-block MoE of SwiGLU experts under a softmax router renormalised over its K, and none of the
 # other families' features.
 LLAMA_NEEDS = {
-    "attention": "mha",
-    "norm": "rmsnorm",
-    "activation": "swiglu",
-    "pos_emb": "rope",
-    "router": "softmax",
-    "renormalize": True,
-    "capacity_factor": 0.0,
-    "z_loss_coef": 0.0,
-    "moe_every": 1,
-    "first_dense": 0,
-    "n_shared_experts": 0,
-    "shared_gate": False,
-    "bias": False,
-    "qkv_bias": False,
-    "qk_norm": "none",
-    "router_logit_bias": False,
-    "n_group": 1,
-    "routed_scaling_factor": 1.0,
-    "embedding_multiplier": 1.0,
-    "attention_multiplier": None,
-    "residual_multiplier": 1.0,
-    "logits_scaling": 1.0,
-}
+    "attention": "mha", "norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rope", "router": "softmax",
+    "renormalize": True, "capacity_factor": 0.0, "z_loss_coef": 0.0, "moe_every": 1, "first_dense": 0,
+    "n_shared_experts": 0, "shared_gate": False, "bias": False, "qkv_bias": False, "qk_norm": "none",
+    "router_logit_bias": False, "n_group": 1, "routed_scaling_factor": 1.0, "embedding_multiplier": 1.0,
+    "attention_multiplier": None, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+}  # fmt: skip
 _COMMON = dict(
     initializer_range=0.02, rope_theta=10000.0, tie_word_embeddings=False, num_key_value_heads=None
 )

@@ -23,7 +23,8 @@ from minimoe.errors import CheckpointError
 from minimoe.hf.config import config_from_hf, family, hf_config_from
 from minimoe.hf.names import IGNORED, fuse, name_map, to_ours, to_theirs, unfuse, with_gpt2_prefix
 from minimoe.layers import moe
-from minimoe.model import GPT, param_shapes
+from minimoe.layers.params import param_shapes
+from minimoe.model import GPT
 from minimoe.safetensors import read_checkpoint, write_safetensors
 
 LAYOUTS = ("checkpoint", "fused")

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import EPS, GRAD_TOL, rand
+from conftest import BROKEN_TOL, EPS, GRAD_TOL, rand
 
 from minimoe import GPT, Config, count_params, get_preset
 from minimoe.errors import ConfigError
@@ -193,6 +193,43 @@ def test_group_limited_topk_matches_a_loop_by_hand(rng, n_group, topk_group, k):
     # the experts chosen lie in at most topk_group groups, and the limit really binds sometimes
     assert all(len(set(row // (16 // n_group))) <= topk_group for row in idx)
     assert not np.array_equal(idx, router.group_limited_topk(scores, k))
+
+
+def _new_op_cases(rng):
+    """name -> (forward, backward, inputs) of the new ops, for the broken-backward test."""
+    logits, bias = _separated(rng, 6, 8), rng.permutation(8) * 0.002
+    H, Hkv, D = 2, 1, 3
+    u = rng.uniform(0.9, 1.1, (4, 3))
+    return {
+        "relu_mlp": (ffn.relu_mlp_forward, ffn.relu_mlp_backward,
+                     [rand(rng, 3, 4), rand(rng, 4, 5), rand(rng, 5), rand(rng, 5, 4), rand(rng, 4)]),
+        "sigmoid_gate": (gate.sigmoid_gate_forward, gate.sigmoid_gate_backward, [rand(rng, 5, 4), rand(rng, 5, 1)]),
+        "jitter": (lambda x: router.jitter_forward(x, u), router.jitter_backward, [rand(rng, 4, 3)]),
+        "sigmoid_router_plain_groups": (
+            _gates(lambda lg: router.sigmoid_bias_topk_forward(lg, bias, 3, False, 4, 2)),
+            router.sigmoid_bias_topk_backward, [logits]),
+        "qk_norm_head": (
+            lambda qkv, wq, wk: attention.qk_norm_forward(qkv, attention.QKNorm(True, wq, wk, 1e-6), H, Hkv, D),
+            lambda dy, c: attention.qk_norm_backward(dy, c, H, Hkv, D),
+            [rand(rng, 2, 3, (H + 2 * Hkv) * D), rand(rng, D), rand(rng, D)]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", ["relu_mlp", "sigmoid_gate", "jitter", "sigmoid_router_plain_groups", "qk_norm_head"]
+)
+def test_a_broken_backward_of_a_new_op_is_caught(name):
+    fwd, bwd, inputs = _new_op_cases(np.random.default_rng(4))[name]
+    assert max(check_op(fwd, bwd, inputs, eps=EPS).values()) <= GRAD_TOL
+    for position in range(len(inputs)):
+
+        def broken(dy, cache, position=position):  # one gradient 1% too large
+            grads = bwd(dy, cache)
+            grads = list(grads) if isinstance(grads, tuple) else [grads]
+            grads[position] = grads[position] * 1.01
+            return tuple(grads) if len(grads) > 1 else grads[0]
+
+        assert check_op(fwd, broken, inputs, eps=EPS)[position] > BROKEN_TOL, (name, position)
 
 
 # ------------------------------------------------------------------------------------------------

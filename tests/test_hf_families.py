@@ -557,3 +557,27 @@ def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path, case):
     want = {k: v.float().double().numpy() for k, v in ref.state_dict().items()}
     got = hf.to_hf(back, layout="fused")
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3", "qwen2_moe"])
+def test_sample_hf_runs_a_family_folder(tmp_path, capsys, case):
+    """`minimoe sample --hf DIR` end to end: a saved family folder with a tokenizer.json, greedy,
+    prints the prompt and the tokens our KV cache (a latent cache for MLA) generates."""
+    tokenizers = pytest.importorskip(
+        "tokenizers", reason="the optional tokenizers package reads tokenizer.json"
+    )
+    from test_hf import _write_tokenizer
+
+    from minimoe import cli
+
+    cfg = dict(CASES[case], vocab_size=300)  # the tokenizer's vocabulary
+    model = GPT(hf.config_from_hf(cfg).replace(init_std=0.3), seed=1)
+    hf.save_pretrained(model, str(tmp_path))
+    _write_tokenizer(tmp_path, tokenizers)
+    rc = cli.main(
+        ["sample", "--hf", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "8", "--temperature", "0"]
+    )
+    out = capsys.readouterr().out
+    loaded, tok = hf.load_pretrained(str(tmp_path))
+    want = tok.decode(generate(loaded, tok.encode("hello"), 8, temperature=0.0))
+    assert rc == 0 and out == "hello" + want + "\n"

@@ -544,3 +544,41 @@ def test_family_toy_presets_match_dense_in_active_parameters(name, extra):
     n = count_params(get_preset(name))
     assert n["active"] - dense == extra
     assert abs(n["active"] - dense) / dense < 0.035 and n["total"] > 2.5 * dense
+
+
+@pytest.fixture
+def fake_cupy_backend():
+    """The fake CuPy of tests/fake_cupy.py installed (host/device mixing raises); restored afterwards."""
+    import fake_cupy
+
+    from minimoe import backend
+
+    name, dtype = backend.get_backend(), backend.get_default_dtype()
+    try:
+        with fake_cupy.installed():
+            yield backend
+    finally:
+        backend.set_backend(name)
+        backend.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_step_and_generation_on_fake_cupy_match_numpy(fake_cupy_backend, name):
+    """A training step (router jitter on) and cached generation run on the (fake) GPU without a
+    hidden host/device copy, and give numpy's numbers."""
+    backend = fake_cupy_backend
+    cfg = Config(
+        **{**TINY, **FAMILIES[name], "router_jitter": 0.05 if FAMILIES[name].get("n_experts") else 0.0}
+    )
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    out = {}
+    for on in ("numpy", "cupy"):
+        backend.set_backend(on)
+        model = GPT(cfg, seed=2)  # float32, training mode: the jitter is drawn on the device
+        logits, loss = model.forward(idx, np.roll(idx, -1, axis=1))
+        model.backward()
+        tokens = generate(model, [1, 2, 3], 6, temperature=0.0)
+        out[on] = {"logits": backend.to_numpy(logits), "loss": backend.to_numpy(loss), "tokens": tokens}
+        out[on].update({k: backend.to_numpy(g) for k, g in model.grads.items()})
+    for k, want in out["numpy"].items():
+        np.testing.assert_allclose(out["cupy"][k], want, rtol=1e-4, atol=1e-6, err_msg=k)

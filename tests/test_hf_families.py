@@ -258,6 +258,11 @@ REFUSED = [
     ("deepseek_v3", dict(quantization_config={"quant_method": "fp8"}), "quantization_config"),
     ("deepseek_v3", dict(attention_bias=True), "attention_bias"),
     ("deepseek_v3", dict(n_group=3), "n_group"),  # 3 does not divide 8 experts
+    # JSON types are checked before any arithmetic (minimoe.filecheck)
+    ("qwen2_moe", dict(mlp_only_layers="0"), "mlp_only_layers"),
+    ("deepseek_v3", dict(q_lora_rank="6"), "q_lora_rank"),
+    ("olmoe", dict(num_experts=[4]), "num_experts"),
+    ("granitemoe", dict(attention_multiplier="0.3"), "attention_multiplier"),
 ]
 
 

@@ -146,6 +146,14 @@ def fail(field, value, valid):
     raise ConfigError(f"hf_config[{field!r}] = {value!r} cannot be represented in minimoe: {valid}")
 
 
+def field_table(kind: str) -> dict:
+    """Config field -> (config.json field, transformers' default) of every plain copy of `kind`."""
+    fam = FAMILIES[kind]
+    return {
+        ours: (theirs, fam.defaults.get(theirs)) for ours, theirs in {**LLAMA_FIELDS, **fam.fields}.items()
+    }
+
+
 def field_names(kind: str) -> dict:
     """Config field -> the config.json field behind it, for error messages."""
     fam = FAMILIES[kind]

@@ -27,7 +27,7 @@ import numpy
 
 from minimoe import backend
 from minimoe.config import Config
-from minimoe.layers import attention, ffn, mla, moe
+from minimoe.layers import attention, exchange, ffn, mla, moe
 from minimoe.layers.params import init_params, param_shapes
 from minimoe.ops import dropout, embedding, linear, loss, norm
 from minimoe.ops.attention import rope_tables
@@ -99,6 +99,9 @@ class GPT:
             )
         self._cache = None
         self.stats: dict = {}
+        # P ranks (a layers.exchange.Group set by minimoe.dist; None in one process): forward() then
+        # takes the GLOBAL batch, computes this rank's rows, and returns the global batch's loss
+        self.group, self._lm_share = None, 1.0  # _lm_share: this rank's counted tokens / all ranks'
 
     # ------------------------------------------------------------------ utilities
     def train(self):
@@ -145,6 +148,9 @@ class GPT:
         """
         c, p, xp = self.config, self.params, self.xp
         self._check_idx(idx)  # on the host when idx comes from the host (no device sync)
+        if self.group is not None:  # this rank's share of the global batch (minimoe.dist)
+            idx = self.group.local_rows(idx)
+            targets = None if targets is None else self.group.local_rows(targets)
         if not backend.is_cupy_array(idx) and xp is not numpy:
             idx = xp.asarray(idx)  # the batch moves to the device once
         B, T = idx.shape
@@ -192,6 +198,8 @@ class GPT:
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {idx.shape}, got {targets.shape}")
         lm_loss, caches["loss"] = loss.cross_entropy_forward(logits, targets)
+        if self.group is not None:  # the mean over every rank's counted tokens
+            lm_loss, self._lm_share = exchange.global_mean(lm_loss, caches["loss"].valid.sum(), self.group)
         total = lm_loss
         if c.n_experts > 0:
             aux_total = sum((st["aux_loss"] for st in self.stats["layers"]), 0.0)
@@ -240,7 +248,9 @@ class GPT:
         c, pre = self.config, f"blocks.{i}."
         if not c.is_moe_block(i):
             return ffn.ffn_forward(c, h, self.params, pre + "mlp.")
-        m, cache, st = moe.moe_forward(c, h, self.params, self.buffers, pre + "moe.", self.rng, train)
+        m, cache, st = moe.moe_forward(
+            c, h, self.params, self.buffers, pre + "moe.", self.rng, train, self.group
+        )
         st["layer"] = i
         self.stats["layers"].append(st)
         return m, cache
@@ -279,7 +289,7 @@ class GPT:
         c, p, caches = self.config, self.params, self._cache
         g = self.grads = {}  # filled by the helpers below, then put in the order of self.params
 
-        dlogits = _scale(loss.cross_entropy_backward(1.0, caches["loss"]), 1.0 / c.logits_scaling)
+        dlogits = _scale(loss.cross_entropy_backward(self._lm_share, caches["loss"]), 1.0 / c.logits_scaling)
         dx, dhead, _ = linear.linear_backward(dlogits, caches["head"])
         if c.tie_embeddings:
             dwte_head = dhead.T  # the head is wte^T: its gradient joins the embedding's below

@@ -101,6 +101,7 @@ class TrainOptions:
     dtype: Optional[str] = None
     resume: Optional[bool] = None
     sample_tokens: Optional[int] = None
+    init_from: Optional[str] = None
 
 
 # The one place the defaults are written. The fields left out stay None after resolution:
@@ -125,6 +126,7 @@ DEFAULTS = TrainOptions(
     dtype="float32",
     resume=False,
     sample_tokens=200,  # printed at the end; 0: none
+    # init_from: a base checkpoint whose weights and tokenizer a new run starts from (minimoe.finetune)
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 # The model flags override the preset's Config fields of the same names.
@@ -195,6 +197,9 @@ def check_options(o: TrainOptions) -> None:
         check_number("min_lr", o.min_lr, lo=0.0, hi=o.lr)
     check_number("weight_decay", o.weight_decay, lo=0.0)
     check_number("grad_clip", o.grad_clip, lo=0.0)  # 0: no clipping
+    if o.init_from is not None:
+        check(isinstance(o.init_from, str) and o.init_from != "", "init_from", o.init_from,
+              "it must be the path of a base checkpoint (a run directory or a ckpt.npz)")  # fmt: skip
 
 
 def model_config(o: TrainOptions, vocab_size: int) -> Config:

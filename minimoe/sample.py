@@ -66,6 +66,12 @@ def _check(model, ids, max_new_tokens, temperature, top_k):
     return ids
 
 
+def new_kv_cache(model, T_max: int) -> KVCache:
+    """An empty KV cache for one sequence (B = 1) of up to T_max positions of `model`."""
+    c = model.config
+    return KVCache(c.n_layer, 1, c.n_kv_head, T_max, c.head_size, xp=model.xp, dtype=model.dtype)
+
+
 def generate(
     model,
     ids,
@@ -97,8 +103,7 @@ def generate(
             if use_cache and cache is None and len(context) <= T_max:
                 # prefill: the whole (short enough) context at once. The cache holds no more
                 # positions than this call can fill (a real Mixtral's block_size is 32768).
-                cache_len = min(T_max, len(context) + max_new_tokens)
-                cache = KVCache(c.n_layer, 1, c.n_kv_head, cache_len, c.head_size, xp=xp, dtype=model.dtype)
+                cache = new_kv_cache(model, min(T_max, len(context) + max_new_tokens))
                 logits, _ = model.forward(xp.asarray([context], dtype=xp.int64), kv_cache=cache)
             elif cache is not None and cache.pos < cache.T_max:
                 # decode: only the newest token, its keys/values appended to the cache

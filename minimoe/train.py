@@ -19,6 +19,8 @@ written. Ctrl-C finishes the current step, saves a checkpoint and stops.
 Resuming (`resume=True`) restores parameters, AdamW moments and step count, the DeepSeek bias
 buffers, and the random generators of data sampling and of the model (dropout, router noise),
 so on the CPU a resumed run reproduces the uninterrupted run's losses bit for bit.
+Fine-tuning (`init_from` a base checkpoint, dialogue data such as `data="chat-builtin"`, the loss
+on the assistant's tokens only): minimoe.finetune and minimoe.chat_data.
 Around the loop: minimoe.options (the options, their defaults and validation, resume merging),
 minimoe.metrics (what is measured and logged), minimoe.progress (the display) and
 minimoe.signals (the deferred Ctrl-C).
@@ -37,7 +39,7 @@ from typing import Optional
 
 import numpy as np
 
-from minimoe import backend, checkpoint, data
+from minimoe import backend, chat_data, checkpoint, data, finetune
 from minimoe.metrics import estimate_loss, loss_summary, moe_stats, prepare_metrics_file, unigram_loss
 from minimoe.model import GPT
 from minimoe.optim import AdamW, clip_grad_norm, cosine_lr
@@ -144,6 +146,8 @@ def prepare(options=None, overrides=None) -> tuple[TrainOptions, Optional[checkp
                 "train without --resume first, or point --out at the run's directory"
             )
         ckpt = checkpoint.load_checkpoint(out)
+    elif given.get("init_from"):
+        given = finetune.init_from_options(given)  # the base's model options; --out must differ
     o = resolve_options(given, saved=None if ckpt is None else ckpt.train_state.get("options", {}))
     check_options(o)
     return o, ckpt
@@ -165,6 +169,8 @@ def load_data(o: TrainOptions, block_size: int, tokenizer=None):
     """(tokenizer, train_ids, val_ids): the corpus o.data, tokenized (with a new o.tokenizer
     tokenizer unless one is given) and split: the last VAL_FRACTION is validation, and each
     part holds at least one window of block_size + 1 tokens."""
+    if chat_data.is_chat_data(o.data):  # dialogues: MaskedTokens, the loss on the assistant's tokens only
+        return chat_data.load_chat_data(o.data, tokenizer, o.tokenizer, o.vocab_size, VAL_FRACTION)
     text = data.load_corpus(o.data)
     if tokenizer is None:
         tokenizer = (
@@ -212,19 +218,25 @@ class Run:
     @classmethod
     def start(cls, o: TrainOptions, ckpt=None) -> Run:
         """A new run from the options, or the checkpoint's run restored exactly."""
-        if ckpt is None:
+        base = None
+        if ckpt is None and o.init_from:  # fine-tuning: the base's weights and tokenizer (+ chat tokens)
+            base, tokenizer = finetune.load_base(o.init_from, o.dtype, o.seed)
+            config = base.config
+        elif ckpt is None:
             config = model_config(o, vocab_size=256)  # judges the model flags before the slow data work
             tokenizer = None
         else:
             config, tokenizer = ckpt.config, checkpoint.load_tokenizer(ckpt)
         tokenizer, train_ids, val_ids = load_data(o, config.block_size, tokenizer)
-        if ckpt is None:
+        if base is not None:
+            model = base
+        elif ckpt is None:
             model = GPT(model_config(o, tokenizer.vocab_size), seed=o.seed, dtype=o.dtype)
         else:
             model = checkpoint.build_model(ckpt, o.dtype)
         optimizer = AdamW(model.params, lr=o.lr, weight_decay=o.weight_decay)
         run = cls(o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed))
-        run.unigram = unigram_loss(train_ids, model.config.vocab_size)
+        run.unigram = unigram_loss(chat_data.loss_tokens(train_ids), model.config.vocab_size)
         if ckpt is not None:
             checkpoint.load_optimizer_state(ckpt, optimizer, model)
             checkpoint.set_rng_state(run.data_rng, ckpt.rng.get("data"))

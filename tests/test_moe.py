@@ -468,7 +468,7 @@ def test_update_router_biases_moves_towards_balance():
 
 
 # ------------------------------------------------------------------------------------------------
-# balancing during training (see docs/moe-tests.md for the setup and the band)
+# balancing during training (see docs/moe.md for the setup and the band)
 # ------------------------------------------------------------------------------------------------
 
 

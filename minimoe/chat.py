@@ -22,14 +22,16 @@ import sys
 
 import numpy as np
 
-from minimoe import backend
+from minimoe import analysis, backend
 from minimoe.data import default_cache_dir
 from minimoe.errors import UserError
 from minimoe.options import check_number
 from minimoe.sample import StreamDecoder, new_kv_cache, sample_next
 from minimoe.tokenizer import END
 
-HELP = "commands: /reset forgets the conversation, /temperature X (0 = greedy), /help; Ctrl-D leaves"
+HELP = (
+    "commands: /reset forgets the conversation, /temperature X (0 = greedy), /help, /quit; Ctrl-D leaves too"
+)
 
 
 class ChatError(UserError):
@@ -125,15 +127,46 @@ class Conversation:
         return out
 
 
+# ------------------------------------------------------------------------------ measuring a chat model
+def exact_match(model, tokenizer, questions, max_new_tokens: int = 16) -> dict:
+    """Greedy replies to (task, question, answer) triples, each in a fresh conversation: the
+    fraction answered exactly (the whole reply equals the answer), overall and per task."""
+    hits: dict = {}
+    for task, question, answer in questions:
+        reply = Conversation(model, tokenizer).reply(question, max_new_tokens, temperature=0.0)
+        hits.setdefault(task, []).append(tokenizer.decode(reply).strip() == answer)
+    out = {task: float(np.mean(h)) for task, h in hits.items()}
+    out["all"] = float(np.mean([x for h in hits.values() for x in h]))
+    return out
+
+
+def routing_by_role(model, tokenizer, conversations) -> list[dict]:
+    """Which experts the assistant's tokens and the other tokens (user turns, markers) go to:
+    per MoE layer {"layer", "assistant": (Na, K), "other": (No, K)} chosen experts, first choice
+    first, over the conversations (each routed on its own, cut to block_size)."""
+    per_layer: dict = {}
+    for conv in conversations:
+        ids, mask = tokenizer.encode_chat(conv)
+        ids, mask = ids[: model.config.block_size], np.asarray(mask[: model.config.block_size]) == 1
+        for r in analysis.route_tokens(model, ids):
+            entry = per_layer.setdefault(r["layer"], {"layer": r["layer"], "assistant": [], "other": []})
+            entry["assistant"].append(r["expert_idx"][mask])
+            entry["other"].append(r["expert_idx"][~mask])
+    return [{k: (np.concatenate(v) if k != "layer" else v) for k, v in e.items()} for e in per_layer.values()]
+
+
 def _terminal_lines(prompt: str, out):
     """Lines typed at a terminal (with readline editing and history when available) until Ctrl-D."""
     history = default_cache_dir() / "chat_history"
     try:
         import readline  # optional: absent on some platforms
-
-        readline.read_history_file(history)
-    except (ImportError, OSError):
+    except ImportError:
         readline = None
+    try:
+        if readline is not None:
+            readline.read_history_file(history)
+    except OSError:  # no history yet
+        pass
     try:
         while True:
             try:
@@ -172,6 +205,34 @@ def _command(line: str, conv: Conversation, settings: dict, note) -> bool:
     return True
 
 
+def _handle(text: str, conv: Conversation, settings: dict, note, stdout, interactive: bool, sampling) -> bool:
+    """One line of input: a /command, or a message whose reply is streamed; False to leave."""
+    if not text:
+        return True
+    if text.startswith("/"):
+        return _command(text, conv, settings, note)
+    max_new_tokens, top_k, rng = sampling
+    if interactive:
+        stdout.write("minimoe> ")
+    dec = StreamDecoder(conv.tokenizer)
+
+    def on_token(i):
+        stdout.write(dec.push(i))
+        stdout.flush()
+
+    try:
+        conv.reply(text, max_new_tokens, settings["temperature"], top_k, rng, on_token)
+    except ChatError as e:
+        stdout.write("\n" if interactive else "")
+        note(f"({e})")
+        return True
+    stdout.write(dec.flush() + "\n")
+    stdout.flush()
+    if conv.dropped:
+        note(f"(the oldest {conv.dropped} exchange(s) were dropped to fit the context of {conv.T} tokens)")
+    return True
+
+
 def run_chat(model, tokenizer, stdin=None, stdout=None, stderr=None, temperature: float = 0.6, top_k=None,
              max_new_tokens: int = 200, seed=None, use_cache: bool = True, interactive=None) -> int:  # fmt: skip
     """The `minimoe chat` loop: one user message per line, each reply streamed to stdout.
@@ -196,32 +257,13 @@ def run_chat(model, tokenizer, stdin=None, stdout=None, stderr=None, temperature
         lines = _terminal_lines("you> ", stdout)
     else:
         lines = (line.rstrip("\n") for line in stdin)
-    for line in lines:
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            if not _command(text, conv, settings, note):
+    try:
+        for line in lines:
+            if not _handle(
+                line.strip(), conv, settings, note, stdout, interactive, (max_new_tokens, top_k, rng)
+            ):
                 break
-            continue
+    finally:
         if interactive:
-            stdout.write("minimoe> ")
-        dec = StreamDecoder(tokenizer)
-
-        def on_token(i, dec=dec):
-            stdout.write(dec.push(i))
-            stdout.flush()
-
-        try:
-            conv.reply(text, max_new_tokens, settings["temperature"], top_k, rng, on_token)
-        except ChatError as e:
-            stdout.write("\n" if interactive else "")
-            note(f"({e})")
-            continue
-        stdout.write(dec.flush() + "\n")
-        stdout.flush()
-        if conv.dropped:
-            note(
-                f"(the oldest {conv.dropped} exchange(s) were dropped to fit the context of {conv.T} tokens)"
-            )
+            lines.close()  # the generator writes the readline history as it closes
     return 0

@@ -392,6 +392,28 @@ def test_run_chat_commands_and_notes():
         Conversation(model, CharTokenizer.from_text("abc"))
 
 
+def test_run_chat_at_a_terminal_prompts_streams_and_keeps_history(monkeypatch, tmp_path):
+    model, tok = chat_model()
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path))
+    typed = iter(["ab", "/quit", "never read"])
+    prompts = []
+
+    def fake_input(prompt):
+        prompts.append(prompt)
+        return next(typed)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(model, tok, io.StringIO(), out, err, max_new_tokens=3, seed=0, interactive=True) == 0
+    assert prompts == ["you> ", "you> "] and out.getvalue().startswith("minimoe> ")
+    assert "chatting with" in err.getvalue() and "/reset" in err.getvalue()
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "chat_history").is_file()
+
+
 def run_module(*argv, stdin=""):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "minimoe", *map(str, argv)], input=stdin, capture_output=True,

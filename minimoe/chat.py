@@ -26,7 +26,8 @@ from minimoe import analysis, backend
 from minimoe.data import default_cache_dir
 from minimoe.errors import UserError
 from minimoe.options import check_number
-from minimoe.sample import StreamDecoder, new_kv_cache, sample_next
+from minimoe.layers.attention import make_kv_cache
+from minimoe.sample import StreamDecoder, sample_next
 from minimoe.tokenizer import END
 
 HELP = (
@@ -85,7 +86,7 @@ class Conversation:
             logits, _ = self.model.forward(xp.asarray([context], dtype=xp.int64))
         else:
             if self.fed == 0:
-                self.cache = new_kv_cache(self.model, self.T)
+                self.cache = make_kv_cache(self.model.config, 1, self.T, xp=xp, dtype=self.model.dtype)
             new = context[self.fed :]
             logits, _ = self.model.forward(xp.asarray([new], dtype=xp.int64), kv_cache=self.cache)
             self.fed = len(context)

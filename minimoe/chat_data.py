@@ -68,7 +68,13 @@ def split_of(key: str) -> str:
 def topic_pairs(max_chars: int = 90) -> tuple:
     """(title, first sentence) of the builtin corpus's sections (a title is a line underlined with
     * = or -), keeping sentences of 4+ words and at most max_chars characters, one per title."""
-    from pydoc_data.topics import topics  # present where the builtin corpus is (data.builtin_corpus)
+    try:
+        from pydoc_data.topics import topics  # what data.builtin_corpus is made of
+    except ImportError:  # some minimal Python builds strip pydoc_data
+        raise DataError(
+            "this Python installation lacks the pydoc_data module that chat-builtin's questions about "
+            "Python come from; use --data FILE.jsonl instead"
+        ) from None
 
     pairs = {}
     for key in sorted(topics):

@@ -23,6 +23,7 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_exact", "swiglu")
 POS_EMBS = ("learned", "rope", "none")
 ROUTERS = ("softmax", "noisy", "sigmoid_bias")
+ATTENTIONS = ("mha", "mla")  # mha covers GQA and MQA (n_kv_head); mla: ops/mla.py
 
 
 @dataclass
@@ -45,6 +46,14 @@ class Config:
     rope_theta: float = 10000.0
     dropout: float = 0.0
     init_std: float = 0.02
+    # --- attention kind; the MLA sizes (DeepSeek-V2/V3) are None unless attention = "mla" ---
+    attention: str = "mha"  # see ATTENTIONS
+    q_lora_rank: Optional[int] = 0  # MLA query latent size; 0 (or None) = a direct query projection
+    kv_lora_rank: Optional[int] = None  # MLA key/value latent size; None = 4 * head_size
+    qk_nope_head_dim: Optional[int] = None  # per-head query/key part without RoPE; None = head_size
+    qk_rope_head_dim: Optional[int] = None  # the shared RoPE key's size; None = head_size // 2
+    v_head_dim: Optional[int] = None  # None = head_size
+    latent_norm_eps: float = 1e-6  # epsilon of the RMSNorms on MLA's latents (1e-6 in DeepSeek-V3)
     # --- Mixture of Experts (n_experts = 0: a dense model) ---
     n_experts: int = 0  # E routed experts per MoE layer
     top_k: int = 2  # K experts per token
@@ -80,7 +89,23 @@ class Config:
             self.shared_hidden = self.expert_hidden
         if self.router_init_std is None:
             self.router_init_std = self.init_std
+        self._mla_defaults()
         self.validate()
+
+    def _mla_defaults(self):
+        """MLA sizes left None take DeepSeek-V2's proportions to the head size D: latent 4 D,
+        no-position part D, RoPE part D / 2, values D (V2: D = 128, 512, 128, 64, 128)."""
+        if self.q_lora_rank is None:  # transformers' spelling of "no query latent"
+            self.q_lora_rank = 0
+        if self.attention != "mla" or not all(
+            isinstance(n, int) and n >= 1 for n in (self.n_head, self.n_embd)
+        ):
+            return  # validate() names the bad field
+        D = self.head_size
+        sizes = dict(kv_lora_rank=4 * D, qk_nope_head_dim=D, qk_rope_head_dim=D // 2, v_head_dim=D)
+        for f, v in sizes.items():
+            if getattr(self, f) is None:
+                setattr(self, f, v)
 
     def validate(self):
         """Raise ConfigError (a ValueError) naming the first invalid field and what would be valid."""
@@ -122,11 +147,43 @@ class Config:
             need(self.capacity_factor >= 0, "capacity_factor", "it must be >= 0 (0 = dropless)")
             need(self.aux_loss_coef >= 0, "aux_loss_coef", "it must be >= 0")
             need(self.z_loss_coef >= 0, "z_loss_coef", "it must be >= 0")
+        self._validate_mla(need)
+
+    def _validate_mla(self, need):
+        """The attention kind and, for MLA, its sizes and the combinations it cannot take."""
+        need(self.attention in ATTENTIONS, "attention", f"it must be one of {ATTENTIONS}")
+        mla_sizes = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.attention != "mla":
+            need(self.q_lora_rank == 0, "q_lora_rank", "it applies only with attention='mla' (set it to 0)")
+            for f in mla_sizes:
+                need(getattr(self, f) is None, f, "it applies only with attention='mla' (set it to None)")
+            return
+        need(
+            isinstance(self.q_lora_rank, int) and self.q_lora_rank >= 0,
+            "q_lora_rank",
+            "it must be an integer >= 0 (0 = a direct query projection)",
+        )
+        for f in mla_sizes:
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "it must be an integer >= 1")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "RoPE rotates pairs: it must be even")
+        need(self.latent_norm_eps > 0, "latent_norm_eps", "it must be > 0")
+        need(self.pos_emb == "rope", "pos_emb", "attention='mla' needs 'rope' (its decoupled RoPE key)")
+        need(not self.bias, "bias", "attention='mla' has no attention biases here: set bias=False")
+        need(
+            self.n_kv_head == self.n_head,
+            "n_kv_head",
+            f"attention='mla' has no key/value heads to group: it must equal n_head = {self.n_head}",
+        )
 
     # ----- derived -----
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def rope_dim(self) -> int:
+        """The size RoPE rotates: the head size, or MLA's shared RoPE part qk_rope_head_dim."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_size
 
     def is_moe_block(self, i: int) -> bool:
         """Whether block i (0-based) has a MoE layer in place of its dense MLP."""

@@ -10,6 +10,8 @@ Block i (pre-norm, as in GPT-2 and Llama):
 Parameter names (C channels, F hidden, V vocab, E experts):
     wte (V, C) token embedding;  wpe (block_size, C) learned positions (gpt2 flavour)
     blocks.i.ln1.w/.b, blocks.i.attn.wqkv/.bqkv/.wo/.bo, blocks.i.ln2.w/.b
+    blocks.i.attn.wq_a/.q_a_norm.w/.wq_b/.wkv_a/.kv_a_norm.w/.wkv_b/.wo with attention="mla"
+        (or .wq for a direct query; layers/mla.py)
     blocks.i.mlp.w1/.b1/.w2/.b2 (GELU) or blocks.i.mlp.w1/.w3/.w2 (SwiGLU)
     blocks.i.moe.* (MoE blocks, see layers/moe.py);  ln_f.w/.b;  lm_head (C, V) when not tied to wte
 The attention block is layers/attention.py; the forward's caches live in a `StepCaches` (below).
@@ -23,7 +25,7 @@ import numpy
 
 from minimoe import backend
 from minimoe.config import Config
-from minimoe.layers import attention, ffn, moe
+from minimoe.layers import attention, ffn, mla, moe
 from minimoe.ops import dropout, embedding, linear, loss, norm
 from minimoe.ops.attention import rope_tables
 
@@ -52,12 +54,15 @@ def _init_params(config: Config, seed: int) -> dict:
         p[pre + "ln1.w"] = numpy.ones(C)
         if c.norm == "layernorm":
             p[pre + "ln1.b"] = numpy.zeros(C)
-        p[pre + "attn.wqkv"] = normal((C, (H + 2 * Hkv) * D), std)
-        if c.bias:
-            p[pre + "attn.bqkv"] = numpy.zeros((H + 2 * Hkv) * D)
-        p[pre + "attn.wo"] = normal((H * D, C), std_out)
-        if c.bias:
-            p[pre + "attn.bo"] = numpy.zeros(C)
+        if c.attention == "mla":
+            p.update(mla.init_params(c, pre + "attn.", rng, std, std_out))
+        else:
+            p[pre + "attn.wqkv"] = normal((C, (H + 2 * Hkv) * D), std)
+            if c.bias:
+                p[pre + "attn.bqkv"] = numpy.zeros((H + 2 * Hkv) * D)
+            p[pre + "attn.wo"] = normal((H * D, C), std_out)
+            if c.bias:
+                p[pre + "attn.bo"] = numpy.zeros(C)
         p[pre + "ln2.w"] = numpy.ones(C)
         if c.norm == "layernorm":
             p[pre + "ln2.b"] = numpy.zeros(C)
@@ -125,7 +130,7 @@ class GPT:
         self.rng = backend.make_rng(seed + 1, self.xp)  # dropout masks and router noise
         if config.pos_emb == "rope":
             self._rope = rope_tables(
-                config.block_size, config.head_size, config.rope_theta, xp=self.xp, dtype=self.dtype
+                config.block_size, config.rope_dim, config.rope_theta, xp=self.xp, dtype=self.dtype
             )
         self._cache = None
         self.stats: dict = {}
@@ -170,7 +175,8 @@ class GPT:
         The loss is the training objective: the mean token cross-entropy plus, for MoE models,
         aux_loss_coef * (sum of the layers' balancing losses) + z_loss_coef * (sum of z-losses).
         `model.stats` holds the parts (lm_loss, aux_loss, z_loss) and per-layer routing statistics.
-        kv_cache: a `layers.attention.KVCache` for generation; its positions advance by T.
+        kv_cache: a `layers.attention.make_kv_cache(...)` cache for generation (KVCache, or MLA's
+            LatentKVCache); its positions advance by T.
         """
         c, p, xp = self.config, self.params, self.xp
         self._check_idx(idx)  # on the host when idx comes from the host (no device sync)
@@ -236,12 +242,16 @@ class GPT:
         """Attention(h) of block i: (B, T, C) -> (B, T, C), cache."""
         c, p, pre = self.config, self.params, f"blocks.{i}.attn."
         kv = None if kv_cache is None else (kv_cache, i)
+        if c.attention == "mla":
+            return mla.mla_block_forward(c, h, p, pre, rope, kv)
         w = p[pre + "wqkv"], p.get(pre + "bqkv"), p[pre + "wo"], p.get(pre + "bo")
         return attention.self_attention_forward(h, *w, c.n_head, c.n_kv_head, rope, kv)
 
     def _attention_backward(self, i, da, cache):
         """Backward of `_attention_forward`: -> dh; the block's attention gradients go to self.grads."""
         pre, g = f"blocks.{i}.attn.", self.grads
+        if self.config.attention == "mla":
+            return mla.mla_block_backward(da, cache, pre, g)
         dh, g[pre + "wqkv"], dbqkv, g[pre + "wo"], dbo = attention.self_attention_backward(da, cache)
         if dbqkv is not None:
             g[pre + "bqkv"], g[pre + "bo"] = dbqkv, dbo

@@ -165,7 +165,8 @@ def count_params(config: Config) -> dict:
     embeddings and the output head count as active. Forward FLOPs per token follow PaLM
     (Chowdhery et al. 2022, appendix B): 2 per active matmul weight (the embedding lookups are
     not matmuls; a tied head is) plus 4 * n_layer * T * C for the attention scores and their
-    weighted sum at context T = block_size. Training costs about 3x the forward.
+    weighted sum at context T = block_size (MLA: 2 * n_layer * T * H * (dn + dr + dv)).
+    Training costs about 3x the forward.
     """
     c = config
     C, V, H, Hkv, D = c.n_embd, c.vocab_size, c.n_head, c.n_kv_head, c.head_size
@@ -176,6 +177,9 @@ def count_params(config: Config) -> dict:
 
     norm = C * (2 if c.norm == "layernorm" else 1)
     attn = C * (H + 2 * Hkv) * D + H * D * C + (((H + 2 * Hkv) * D + C) if c.bias else 0)
+    attn_matmul, score_dims = attn, 2 * H * D  # per key: q.k and p.v, over D, for each head
+    if c.attention == "mla":
+        attn, attn_matmul, score_dims = mla_attention_counts(c)
     embed = V * C + (c.block_size * C if c.pos_emb == "learned" else 0)
     head = 0 if c.tie_embeddings else C * V
     total = active = embed + head + norm  # + final norm
@@ -184,7 +188,7 @@ def count_params(config: Config) -> dict:
         block = attn + 2 * norm
         total += block
         active += block
-        matmul_active += attn
+        matmul_active += attn_matmul
         if c.is_moe_block(i):
             expert = (3 if glu else 2) * C * c.expert_hidden
             router = C * c.n_experts * (2 if c.router == "noisy" else 1)
@@ -197,10 +201,35 @@ def count_params(config: Config) -> dict:
             total += ffn(c.ffn_hidden)
             active += ffn(c.ffn_hidden)
             matmul_active += ffn(c.ffn_hidden)
-    flops = 2 * matmul_active + 4 * c.n_layer * c.block_size * H * D
+    flops = 2 * matmul_active + 2 * c.n_layer * c.block_size * score_dims
     return {
         "total": int(total),
         "active": int(active),
         "flops_per_token": int(flops),
         "train_flops_per_token": int(3 * flops),
     }
+
+
+def mla_attention_counts(config: Config) -> tuple[int, int, int]:
+    """One Multi-head Latent Attention block (ops/mla.py): (parameters, matmul weights, score dims).
+
+    matmul weights: W_q (C x H(dn+dr)) or W_dq (C x rq) + W_uq (rq x H(dn+dr)); W_dkv (C x (rkv+dr));
+    W_ukv (rkv x H(dn+dv)); W_o (H dv x C). Parameters add the latents' RMSNorm gains (rq + rkv).
+    score dims: per cached key, the q.k products cover H (dn + dr) and p.v H dv, the way training
+    and prefill compute them (k and v expanded from the latent).
+    """
+    c = config
+    C, H, rq, rkv = c.n_embd, c.n_head, c.q_lora_rank, c.kv_lora_rank
+    dn, dr, dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    query = C * H * (dn + dr) if rq == 0 else C * rq + rq * H * (dn + dr)
+    matmul = query + C * (rkv + dr) + rkv * H * (dn + dv) + H * dv * C
+    return matmul + rq + rkv, matmul, H * (dn + dr + dv)
+
+
+def kv_cache_per_token(config: Config) -> int:
+    """Numbers the generation cache holds per token, over all layers: 2 * Hkv * D per layer for
+    MHA / GQA / MQA (keys and values), kv_lora_rank + qk_rope_head_dim for MLA (latent + RoPE key)."""
+    c = config
+    if c.attention == "mla":
+        return c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim)
+    return c.n_layer * 2 * c.n_kv_head * c.head_size

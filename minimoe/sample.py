@@ -4,7 +4,8 @@
 
 How the context is fed to the model (B = 1):
   * prefill: the prompt (its last block_size tokens) goes through the model once, filling a
-    KVCache with every layer's keys and values;
+    KVCache with every layer's keys and values (with attention="mla": only each position's
+    latent and RoPE key, ops/mla.py);
   * decode: each new token is one forward of shape (1, 1) that appends its keys/values to the
     cache and attends over all cached positions: O(T) work per token instead of O(T^2);
   * sliding window: positions are absolute (RoPE angles, learned position rows), so a full cache
@@ -27,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from minimoe import backend
-from minimoe.layers.attention import KVCache
+from minimoe.layers.attention import make_kv_cache
 
 
 def sample_next(logits, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
@@ -66,12 +67,6 @@ def _check(model, ids, max_new_tokens, temperature, top_k):
     return ids
 
 
-def new_kv_cache(model, T_max: int) -> KVCache:
-    """An empty KV cache for one sequence (B = 1) of up to T_max positions of `model`."""
-    c = model.config
-    return KVCache(c.n_layer, 1, c.n_kv_head, T_max, c.head_size, xp=model.xp, dtype=model.dtype)
-
-
 def generate(
     model,
     ids,
@@ -103,7 +98,8 @@ def generate(
             if use_cache and cache is None and len(context) <= T_max:
                 # prefill: the whole (short enough) context at once. The cache holds no more
                 # positions than this call can fill (a real Mixtral's block_size is 32768).
-                cache = new_kv_cache(model, min(T_max, len(context) + max_new_tokens))
+                cache_len = min(T_max, len(context) + max_new_tokens)
+                cache = make_kv_cache(c, 1, cache_len, xp=xp, dtype=model.dtype)
                 logits, _ = model.forward(xp.asarray([context], dtype=xp.int64), kv_cache=cache)
             elif cache is not None and cache.pos < cache.T_max:
                 # decode: only the newest token, its keys/values appended to the cache

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 from minimoe import backend
 from minimoe.ops import attention as ops_attention
 from minimoe.ops import linear
+from minimoe.ops.mla import LatentKVCache
 
 
 class KVCache:
@@ -32,6 +33,16 @@ class KVCache:
         self.v = [xp.zeros((B, n_kv_head, T_max, D), dtype=dtype) for _ in range(n_layer)]
         self.T_max = T_max
         self.pos = 0
+
+
+def make_kv_cache(config, B, T_max, xp=None, dtype="float32"):
+    """The generation cache a model of `config` needs for T_max positions: keys and values per
+    key/value head (KVCache), or for attention="mla" only the latent and the RoPE key per
+    position (ops/mla.py's LatentKVCache)."""
+    c = config
+    if c.attention == "mla":
+        return LatentKVCache(c.n_layer, B, T_max, c.kv_lora_rank, c.qk_rope_head_dim, xp=xp, dtype=dtype)
+    return KVCache(c.n_layer, B, c.n_kv_head, T_max, c.head_size, xp=xp, dtype=dtype)
 
 
 class SelfAttentionCache(NamedTuple):

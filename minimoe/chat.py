@@ -25,8 +25,8 @@ import numpy as np
 from minimoe import analysis, backend
 from minimoe.data import default_cache_dir
 from minimoe.errors import UserError
-from minimoe.options import check_number
 from minimoe.layers.attention import make_kv_cache
+from minimoe.options import check_number
 from minimoe.sample import StreamDecoder, sample_next
 from minimoe.tokenizer import END
 

@@ -320,15 +320,21 @@ def test_finetune_refuses_to_overwrite_the_base_or_change_its_model(base, tmp_pa
 
 
 # ------------------------------------------------------------------------------ minimoe chat
-def chat_model(block_size=24, seed=0):
+MLA = dict(
+    attention="mla", q_lora_rank=6, kv_lora_rank=5, qk_nope_head_dim=3, qk_rope_head_dim=4, v_head_dim=2
+)
+
+
+def chat_model(block_size=24, seed=0, **overrides):
     tok = chat_tokenizer()
-    config = Config(flavour="llama", vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2,
-                    n_embd=16, n_experts=4, top_k=2, expert_hidden=8, init_std=0.3)  # fmt: skip
-    return GPT(config, seed=seed, dtype="float64"), tok
+    kw = dict(flavour="llama", vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2,
+              n_embd=16, n_experts=4, top_k=2, expert_hidden=8, init_std=0.3)  # fmt: skip
+    return GPT(Config(**{**kw, **overrides}), seed=seed, dtype="float64"), tok
 
 
-def test_kv_cache_across_turns_gives_the_replies_of_recomputation():
-    model, tok = chat_model()
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_kv_cache_across_turns_gives_the_replies_of_recomputation(attention):
+    model, tok = chat_model(**(MLA if attention == "mla" else {}))
     cached, full = Conversation(model, tok), Conversation(model, tok, use_cache=False)
     messages = ["ab", "c 12", "xyz?", "0", "abc abc", "9"]
     for k, text in enumerate(messages):
@@ -338,6 +344,7 @@ def test_kv_cache_across_turns_gives_the_replies_of_recomputation():
             )
         assert cached.context == full.context and cached.dropped == full.dropped
     assert cached.fed <= len(cached.context) <= model.config.block_size + 1
+    assert type(cached.cache).__name__ == ("LatentKVCache" if attention == "mla" else "KVCache")
 
 
 def test_each_turn_feeds_only_the_new_tokens_and_trims_whole_exchanges():

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--questions", type=int, default=300, help="held-out requests (default 300)")
     p.add_argument("--eval-iters", type=int, default=40, help="batches of 12 for the masked val loss")
     p.add_argument("--routing-convs", type=int, default=200, help="held-out conversations routed")
+    p.add_argument("--seed", type=int, default=0, help="of the fine-tuning run (data order); the base uses 0")
     p.add_argument("--out", default="runs/chat_eval")
     p.add_argument("--json", metavar="FILE", help="write every number as JSON")
     args = p.parse_args(argv)
@@ -101,13 +102,11 @@ def main(argv=None) -> int:
     results, table, routing = {}, [], []
     start_load = load_avg()
     for preset in args.presets.split(","):
-        base_dir, chat_dir = (
-            os.path.join(args.out, f"{preset}-base"),
-            os.path.join(args.out, f"{preset}-chat"),
-        )
+        base_dir = os.path.join(args.out, f"{preset}-base")
+        chat_dir = os.path.join(args.out, f"{preset}-chat" + (f"-seed{args.seed}" if args.seed else ""))
         t_base = ensure_run(base_dir, args.base_iters, preset=preset, data="builtin")
-        t_ft = ensure_run(chat_dir, args.ft_iters, init_from=base_dir, data="chat-builtin")
-        before_model, tok = load_base(base_dir)  # as fine-tuning starts: the chat tokens added
+        t_ft = ensure_run(chat_dir, args.ft_iters, init_from=base_dir, data="chat-builtin", seed=args.seed)
+        before_model, tok = load_base(base_dir, seed=args.seed)  # as fine-tuning starts: chat tokens added
         after_model, tok_after, _ = checkpoint.load_model(chat_dir)
         assert tok_after.to_dict() == tok.to_dict()
         before = measure(before_model, tok, questions, val_convs, args.eval_iters)
@@ -126,7 +125,8 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    print(f"\nbase: {args.base_iters} steps on builtin (char); fine-tune: {args.ft_iters} steps on chat-builtin; "
+    print(f"\nbase: {args.base_iters} steps on builtin (char); fine-tune: {args.ft_iters} steps on chat-builtin "
+          f"(seed {args.seed}); "
           f"{args.questions} held-out requests, greedy; load average {start_load} at the start, {load_avg()} at the end\n")  # fmt: skip
     print("| preset | model | exact match | arithmetic | copy | reverse | masked val loss |")
     print("|---|---|---|---|---|---|---|")

@@ -8,7 +8,8 @@ The context is the conversation so far in the chat format (tokenizer.encode_chat
 Each turn feeds the model only what its cache lacks: the previous reply's <|end|> (sampled, never
 fed), the new user turn and <|assistant|>, in one forward whose keys and values join the cache.
 The reply is then decoded one token per forward until the model writes <|end|>, max_new_tokens
-is reached, or the context is full (block_size positions; the reply is then cut and closed).
+is reached, or the context is full (block_size positions; the reply is then cut and closed); the
+turn markers <|user|> and <|assistant|> are never sampled inside a reply.
 Positions are absolute (RoPE angles, learned position rows), so a full cache cannot slide: before
 a turn that would not fit with `reply_room` tokens left for the answer, the oldest EXCHANGES (a
 user turn and its reply, whole) are dropped and the cache is refilled from what remains (one
@@ -28,7 +29,7 @@ from minimoe.errors import UserError
 from minimoe.layers.attention import make_kv_cache
 from minimoe.options import check_number
 from minimoe.sample import StreamDecoder, sample_next
-from minimoe.tokenizer import END
+from minimoe.tokenizer import ASSISTANT, END, USER
 
 HELP = (
     "commands: /reset forgets the conversation, /temperature X (0 = greedy), /help, /quit; Ctrl-D leaves too"
@@ -51,6 +52,9 @@ class Conversation:
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
         self.T = model.config.block_size
         self.end = tokenizer.special_id(END)
+        # a reply never contains a turn marker (none does in the training data): those two tokens
+        # get logit -inf while the assistant speaks, so a weak model cannot open a turn mid-reply
+        self.markers = [tokenizer.special_id(USER), tokenizer.special_id(ASSISTANT)]
         self.reply_room = max(1, self.T // 4) if reply_room is None else reply_room
         self.exchanges: list[list[int]] = []  # each: <|user|> .. <|end|> <|assistant|> .. <|end|>
         self.cache = None
@@ -90,7 +94,7 @@ class Conversation:
             new = context[self.fed :]
             logits, _ = self.model.forward(xp.asarray([new], dtype=xp.int64), kv_cache=self.cache)
             self.fed = len(context)
-        return backend.to_numpy(logits[0, -1])
+        return backend.to_numpy(logits[0, -1]).astype(np.float64)  # a copy, on the host
 
     def reply(self, text: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k=None, rng=None,
               on_token=None) -> list[int]:  # fmt: skip
@@ -112,7 +116,9 @@ class Conversation:
         out = []
         try:
             while len(out) < max_new_tokens and len(context) < self.T:
-                token = sample_next(self._next_logits(context), temperature, top_k, rng)
+                logits = self._next_logits(context)
+                logits[self.markers] = -np.inf
+                token = sample_next(logits, temperature, top_k, rng)
                 exchange.append(token)
                 context.append(token)
                 if token == self.end:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minimoe.data import DataError, read_text_file
+from minimoe.data import MAX_DATA_BYTES, DataError, read_text_file
 from minimoe.synthetic import synthetic_examples
 from minimoe.tokenizer import BPETokenizer, CharTokenizer, check_messages
 
@@ -178,10 +178,11 @@ def eval_questions(n: int = 200, seed: int = 0, split: str = "val") -> list[tupl
 
 
 # ------------------------------------------------------------------------------ a JSONL file
-def read_jsonl(path) -> list[list[dict]]:
-    """The conversations of a JSONL file; a DataError naming the first bad line and what is wrong."""
+def read_jsonl(path, max_bytes: int = MAX_DATA_BYTES) -> list[list[dict]]:
+    """The conversations of a JSONL file (at most max_bytes, see data.read_text_file); a DataError
+    naming the first bad line and what is wrong."""
     conversations = []
-    for n, line in enumerate(read_text_file(path).splitlines(), start=1):
+    for n, line in enumerate(read_text_file(path, max_bytes).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{str(path)!r} line {n}"
@@ -258,7 +259,9 @@ def loss_tokens(ids):
     return ids.counted() if isinstance(ids, MaskedTokens) else ids
 
 
-def load_chat_data(spec, tokenizer=None, kind: str = "char", vocab_size: int = 512, val_fraction=0.1):
+def load_chat_data(
+    spec, tokenizer=None, kind="char", vocab_size=512, val_fraction=0.1, max_bytes=MAX_DATA_BYTES
+):
     """(tokenizer, train MaskedTokens, val MaskedTokens) of chat-builtin or a JSONL file.
 
     tokenizer None: a new `kind` tokenizer (char or bpe with vocab_size) built from the
@@ -266,7 +269,7 @@ def load_chat_data(spec, tokenizer=None, kind: str = "char", vocab_size: int = 5
     if spec == CHAT_BUILTIN:
         train, val = chat_builtin("train"), chat_builtin("val")
     else:
-        convs = read_jsonl(spec)
+        convs = read_jsonl(spec, max_bytes)
         n_val = max(1, int(round(len(convs) * val_fraction)))
         train, val = convs[:-n_val], convs[-n_val:]
     if tokenizer is None:

@@ -271,9 +271,9 @@ def finetuned(base, tmp_path_factory):
     batches = []
     real_step = train_module.train_step
 
-    def spy(model, optimizer, xb, yb, lr, grad_clip):
+    def spy(model, optimizer, xb, yb, *args, **kwargs):
         batches.append((xb.copy(), yb.copy()))
-        return real_step(model, optimizer, xb, yb, lr, grad_clip)
+        return real_step(model, optimizer, xb, yb, *args, **kwargs)
 
     train_module.train_step = spy
     try:
@@ -380,6 +380,22 @@ def test_each_turn_feeds_only_the_new_tokens_and_trims_whole_exchanges():
     assert sum(1 for t in conv.context if t == user) == len(conv.exchanges) >= 1
     with pytest.raises(ChatError, match="send a shorter message"):
         conv.reply("a" * 30)
+
+
+def test_a_reply_never_contains_a_turn_marker():
+    model, tok = chat_model()
+    markers = [tok.special_id(USER), tok.special_id(ASSISTANT)]
+    forward = model.forward
+
+    def biased(idx, targets=None, kv_cache=None):  # a model that would rather open a new turn
+        logits, loss = forward(idx, targets, kv_cache)
+        logits[..., markers] += 50.0
+        return logits, loss
+
+    model.forward = biased
+    for temperature in (0.0, 1.0):
+        reply = Conversation(model, tok).reply("ab", max_new_tokens=6, temperature=temperature)
+        assert reply and not set(reply) & set(markers)
 
 
 def test_run_chat_commands_and_notes():

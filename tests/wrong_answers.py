@@ -223,6 +223,15 @@ WRONG_ANSWERS = [
       "Forgot the noisy router's second matrix."),
     W("12", "block_params", "norms = 2 * C * (2 if c.norm == \"layernorm\" else 1)", "norms = 2 * C",
       "Forgot LayerNorm's biases (a gain and a bias per norm)."),
+    # ---- Lesson 13: expert parallelism --------------------------------------------------------
+    W("13", "all_to_all_forward", "xs[s][starts[s][d] : starts[s][d + 1]] for s in range(P)", "xs[d][starts[d][s] : starts[d][s + 1]] for s in range(P)",
+      "Kept the blocks on their sender: rank d got its own blocks for every rank, not every rank's block for d."),
+    W("13", "all_to_all_backward", "return all_to_all_forward(dys, np.asarray(counts).T)", "return all_to_all_forward(dys, counts)",
+      "Sent the gradients back with the forward's counts, not transposed."),
+    W("13", "all_to_all_backward", "return all_to_all_forward(dys, np.asarray(counts).T)", "return dys",
+      "Kept the gradients where they arrived instead of sending them back."),
+    W("13", "expert_major", "for j in range(El) for s in range(P)]", "for s in range(P) for j in range(El)]",
+      "Listed the rows source-major, the order they arrived in."),
     # ---- Lesson 14: from a language model to an assistant ---------------------------------------
     W("14", "chat_loss_mask", "        if speaking:\n            mask[t] = 1\n        if i == assistant_id:\n            speaking = True\n",
       "        if i == assistant_id:\n            speaking = True\n        if speaking:\n            mask[t] = 1\n",

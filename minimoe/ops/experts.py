@@ -188,7 +188,7 @@ def combine_backward(dy, cache):
 class ExpertsCache(NamedTuple):
     ffn_caches: list  # one FFN cache per expert, None for an expert that received no slot
     offsets: list  # (E+1,) host ints, expert e's rows are offsets[e]:offsets[e+1]
-    activation: str  # "swiglu", "gelu" or "gelu_exact"
+    activation: str  # "swiglu", "gelu", "gelu_exact" or "relu"
     weight_shapes: dict  # name -> shape of the stacked weights, for the zero gradients
 
 
@@ -196,7 +196,7 @@ def experts_forward(x_sorted, offsets, w, activation="swiglu"):
     """x_sorted (M, C) -> y_sorted (M, C): expert e's FFN on rows offsets[e]:offsets[e+1].
 
     w: dict of stacked weights, swiglu: w1, w3 (E, C, F), w2 (E, F, C);
-    gelu / gelu_exact: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
+    gelu / gelu_exact / relu: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
     The experts are independent: they run side by side when there are workers (ops/parallel.py).
     """
     xp = backend.xp_of(x_sorted)
@@ -208,11 +208,11 @@ def experts_forward(x_sorted, offsets, w, activation="swiglu"):
         a, b = offsets[e], offsets[e + 1]
         if activation == "swiglu":
             y[a:b], caches[e] = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
+        elif activation == "relu":  # Switch Transformer's experts
+            y[a:b], caches[e] = ffn.relu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None)
         else:
             approx = "tanh" if activation == "gelu" else "none"
-            y[a:b], caches[e] = ffn.gelu_mlp_forward(
-                x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx
-            )
+            y[a:b], caches[e] = ffn.gelu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx)
 
     parallel.run([functools.partial(forward, e) for e in range(E) if offsets[e] < offsets[e + 1]])
     return y, ExpertsCache(caches, offsets, activation, {k: v.shape for k, v in w.items()})
@@ -229,6 +229,8 @@ def experts_backward(dy_sorted, cache):
         a, b, c = offsets[e], offsets[e + 1], cache.ffn_caches[e]
         if cache.activation == "swiglu":
             dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
+        elif cache.activation == "relu":
+            dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.relu_mlp_backward(dy_sorted[a:b], c)
         else:
             dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
 

@@ -212,7 +212,9 @@ def experts_forward(x_sorted, offsets, w, activation="swiglu"):
             y[a:b], caches[e] = ffn.relu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None)
         else:
             approx = "tanh" if activation == "gelu" else "none"
-            y[a:b], caches[e] = ffn.gelu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx)
+            y[a:b], caches[e] = ffn.gelu_mlp_forward(
+                x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx
+            )
 
     parallel.run([functools.partial(forward, e) for e in range(E) if offsets[e] < offsets[e + 1]])
     return y, ExpertsCache(caches, offsets, activation, {k: v.shape for k, v in w.items()})

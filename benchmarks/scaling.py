@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minimoe import bench  # noqa: E402
+from minimoe import bench, threads  # noqa: E402
 
 BASE = dict(preset="mixtral", batch_size=12)
 SWEEPS = {
@@ -32,16 +33,23 @@ SWEEPS = {
 }
 
 
-def measure(batch_size, iters, warmup, vs_torch, **overrides) -> dict:
-    """Median step times of one configuration (and of the torch twin when asked)."""
+def measure(batch_size, iters, warmup, vs_torch, threads_given=None, **overrides) -> dict:
+    """Median step times of one configuration (and of the torch twin when asked), with the
+    threads minimoe chooses for it (or threads_given); torch gets the same number."""
     config = bench.make_config(BASE["preset"], **overrides)
+    choice = threads.apply(threads_given, config, batch_size * config.block_size)
+    if vs_torch:
+        import torch
+
+        torch.set_num_threads(choice.threads)
     steps = {"minimoe": bench.minimoe_step(config, batch_size)}
     if vs_torch:
         steps["torch"] = bench.torch_step(config, batch_size, like=steps["minimoe"].model)
     times = bench.time_steps(steps, iters, warmup)
     tokens = batch_size * config.block_size
     flops = bench.count_params(config)["train_flops_per_token"] * tokens
-    return {n: dict(bench.summarize(t, tokens, flops, 1.0), flops=flops) for n, t in times.items()}
+    return {n: dict(bench.summarize(t, tokens, flops, 1.0), flops=flops, threads=choice.describe())
+            for n, t in times.items()}  # fmt: skip
 
 
 def main(argv=None):
@@ -49,13 +57,11 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--vs-torch", action="store_true")
+    p.add_argument("--threads", type=int, help="for both (default: minimoe's choice per configuration)")
     args = p.parse_args(argv)
-    threads = bench.blas_threads() or os.cpu_count()
-    if args.vs_torch:
-        import torch
-
-        torch.set_num_threads(threads)
-    print(f"mixtral preset, laptop size, float32, {threads} threads, medians of {args.iters} steps\n")
+    print(f"mixtral preset, laptop size, float32, medians of {args.iters} steps; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+    chosen = set()
     for title, (field, values) in SWEEPS.items():
         head = f"| {field} | tokens/step | GFLOP/step | minimoe ms | tokens/s |"
         rule = "|---:|---:|---:|---:|---:|"
@@ -65,8 +71,9 @@ def main(argv=None):
         for v in values:
             kw = {field: v}
             B = kw.pop("batch_size", BASE["batch_size"])
-            r = measure(B, args.iters, args.warmup, args.vs_torch, **kw)
+            r = measure(B, args.iters, args.warmup, args.vs_torch, args.threads, **kw)
             m = r["minimoe"]
+            chosen.add(f"{field} = {v}: {m['threads']}")
             row = (
                 f"| {v} | {B * 64} | {m['flops'] / 1e9:.1f} | {m['step_ms']:.1f} | {m['tokens_per_s']:,.0f} |"
             )
@@ -74,6 +81,7 @@ def main(argv=None):
                 row += f" {r['torch']['step_ms']:.1f} | {m['step_ms'] / r['torch']['step_ms']:.2f} |"
             print(row, flush=True)
         print()
+    print("threads:\n" + "\n".join(sorted(chosen)))
 
 
 if __name__ == "__main__":

@@ -21,5 +21,6 @@ from minimoe.config import Config  # noqa: F401
 from minimoe.model import GPT  # noqa: F401
 from minimoe.optim import AdamW, clip_grad_norm, cosine_lr  # noqa: F401
 from minimoe.presets import PRESETS, count_params, get_preset  # noqa: F401
+from minimoe.threads import set_threads  # noqa: F401
 
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-from minimoe import analysis, backend, bench, chat, dist, hf, info
+from minimoe import analysis, backend, bench, chat, dist, hf, info, threads
 from minimoe.checkpoint import load_checkpoint, load_model
 from minimoe.errors import UserError
 from minimoe.options import (
@@ -45,6 +45,7 @@ from minimoe.train import train
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM ends training with 128 + 15 = 143
+THREADS_HELP = "CPU threads to compute with (default: chosen from the model size and the free cores)"
 
 
 class CliError(UserError):
@@ -125,6 +126,7 @@ def _add_train_args(p):
         help="under mpiexec: data (every rank holds the whole model), expert (each rank holds E/P "
         "experts of each MoE layer) or auto (default: expert when the experts split evenly, else data)",
     )
+    a("--threads", type=int, metavar="N", help=THREADS_HELP)
     _add_guard_args(a, d)
 
 
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="fixes the sampled tokens (default: random)")
     p.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="config, parameters and FLOPs of a preset or checkpoint")
@@ -239,6 +242,8 @@ def cmd_sample(args) -> int:
         check_int("top_k", args.top_k, lo=1)
     if args.seed is not None:
         check_int("seed", args.seed, lo=0)
+    if args.threads is not None:
+        check_int("threads", args.threads, lo=1)
     _set_device(args.device)
     if args.hf:
         if not (Path(args.hf) / "config.json").is_file():
@@ -254,6 +259,7 @@ def cmd_sample(args) -> int:
     else:
         model, tokenizer, _ = load_model(args.ckpt or "out")
     ids = _encode(tokenizer, args.prompt, "--prompt") if args.prompt else default_prompt_ids(tokenizer)
+    threads.apply(args.threads, model.config, tokens=1)  # generation feeds one token at a time
     out = sys.stdout
     out.write(args.prompt)
     out.flush()

@@ -108,10 +108,11 @@ class TrainOptions:
     keep_best: Optional[bool] = None
     max_data_mb: Optional[float] = None
     init_from: Optional[str] = None
+    threads: Optional[int] = None  # None: chosen from the free cores (minimoe/threads.py)
 
 
 # The one place the defaults are written. The fields left out stay None after resolution:
-# block_size ... dropout mean "the preset's", min_lr means lr / 10.
+# block_size ... dropout mean "the preset's", min_lr means lr / 10, threads: chosen (minimoe.threads).
 DEFAULTS = TrainOptions(
     preset="mixtral",
     data="builtin",  # builtin | synthetic | tinyshakespeare | a path to a UTF-8 text file
@@ -220,6 +221,8 @@ def check_options(o: TrainOptions) -> None:
         check_number("min_lr", o.min_lr, lo=0.0, hi=o.lr)
     check_number("weight_decay", o.weight_decay, lo=0.0)
     check_number("grad_clip", o.grad_clip, lo=0.0)  # 0: no clipping
+    if o.threads is not None:
+        check_int("threads", o.threads, lo=1)
     check_run_guards(o)
     if o.init_from is not None:
         check(isinstance(o.init_from, str) and o.init_from != "", "init_from", o.init_from,

@@ -43,7 +43,7 @@ from typing import Optional
 
 import numpy as np
 
-from minimoe import backend, checkpoint, data, dist, finetune, guards
+from minimoe import backend, checkpoint, data, dist, finetune, guards, threads
 from minimoe.guards import Diverged
 from minimoe.optim import clip_grad_norm, cosine_lr
 from minimoe.options import (
@@ -98,6 +98,7 @@ def _train(run, ckpt, note, say, stream, callback, quiet) -> dict:
     if note:
         say(note)
     say(run.describe(resuming=ckpt is not None))
+    say(threads.apply(o.threads, run.model.config, o.batch_size * run.model.config.block_size).describe())
     if run.step >= o.max_iters:
         say(f"the checkpoint is already at step {run.step} >= --max-iters {o.max_iters}; raise it to go on")
 

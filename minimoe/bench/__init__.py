@@ -23,10 +23,11 @@ What is measured, and how:
   thread count (bench/torch_twin.py, which needs `pip install 'minimoe[compare]'`) in the same
   process, alternating steps with minimoe so both see the same machine load; ratio = minimoe /
   torch (<= 1.0: minimoe is at least as fast, or as small).
-Threads: NumPy's BLAS thread count is set with threadpoolctl when installed, else through
-OpenBLAS's own C function (bench/threads.py); torch.set_num_threads gets the same number.
+Threads: chosen as `minimoe train` chooses them (minimoe/threads.py: the cores free now, used by
+BLAS or by the experts side by side as the model's size says), or --threads N; torch gets
+torch.set_num_threads(N) with the same N.
 
-The package: timing.py (the runners and the loop that alternates them), memory.py, threads.py,
+The package: timing.py (the runners and the loop that alternates them), memory.py,
 torch_twin.py, ranks.py (--ranks: the step on P MPI ranks, its communication and bytes), and
 here the command: its options, `run` (everything it reports, as a dict) and the table.
 """
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -44,7 +44,6 @@ from minimoe import dist
 from minimoe.backend import DTYPES
 from minimoe.bench import ranks
 from minimoe.bench.memory import peak_memory
-from minimoe.bench.threads import blas_threads
 from minimoe.bench.timing import (
     PHASES,
     load_twin,
@@ -55,9 +54,12 @@ from minimoe.bench.timing import (
     time_steps,
     torch_step,
 )
+from minimoe.config import FLAVOURS
 from minimoe.errors import OptionError, UserError
 from minimoe.options import PARALLEL, check, check_choice, check_int
 from minimoe.presets import count_params, toy_presets
+from minimoe.threads import apply as apply_threads
+from minimoe.threads import blas_threads
 
 __all__ = [
     "blas_threads",
@@ -104,6 +106,10 @@ def build_parser():
         p.add_argument(
             "--" + field.replace("_", "-"), type=int, metavar="N", help="replace the preset's value"
         )
+    p.add_argument(
+        "--flavour",
+        help="gpt2 (LayerNorm, GELU, learned positions, tied, biases) or llama (default: the preset's)",
+    )
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
     p.add_argument("--iters", type=int, default=20, metavar="N", help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default 3)")
@@ -111,7 +117,7 @@ def build_parser():
         "--threads",
         type=int,
         metavar="N",
-        help="BLAS / torch threads (default: NumPy's current BLAS threads)",
+        help="threads for minimoe and torch (default: chosen from the free cores, see minimoe/threads.py)",
     )
     p.add_argument("--vs-torch", action="store_true", help="also time a PyTorch eager twin, side by side")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -135,6 +141,8 @@ def check_args(args) -> None:
     toy = toy_presets()
     check(args.preset in toy, "preset", args.preset, f"it must be a toy preset: {', '.join(toy)}")
     check_choice("dtype", args.dtype, DTYPES)
+    if args.flavour is not None:
+        check_choice("flavour", args.flavour, FLAVOURS)
     for name in ("batch_size", "iters", *SIZES):
         if getattr(args, name) is not None:
             check_int(name, getattr(args, name), lo=1)
@@ -148,8 +156,9 @@ def check_args(args) -> None:
 
 def bench_config(args):
     """The preset's Config with the sizes given on the command line; only those change (a GQA
-    preset keeps its key/value heads when --n-head alone is given)."""
-    return make_config(args.preset, **{name: getattr(args, name) for name in SIZES})
+    preset keeps its key/value heads when --n-head alone is given). --flavour changes the
+    architecture's defaults (norm, activation, positions, tying, biases) and nothing else."""
+    return make_config(args.preset, flavour=args.flavour, **{name: getattr(args, name) for name in SIZES})
 
 
 def run(args) -> dict:
@@ -160,16 +169,16 @@ def run(args) -> dict:
     if args.vs_torch:
         load_twin()  # OptionError now, before any timing, when PyTorch is missing
         import torch
-    threads = args.threads or blas_threads() or os.cpu_count()
-    numpy_threads = blas_threads(threads)
+    B, T = args.batch_size, config.block_size
+    choice = apply_threads(args.threads, config, B * T)
+    threads = choice.threads
     if torch is not None:
         torch.set_num_threads(threads)
 
-    B, T = args.batch_size, config.block_size
     tokens = B * T
     counts = count_params(config)
     flops = counts["train_flops_per_token"] * tokens
-    matmul = matmul_timer(args.dtype)
+    matmul = matmul_timer(args.dtype, threads=threads)
     steps = {"minimoe": minimoe_step(config, B, args.dtype)}
     if torch is not None:
         steps["torch"] = torch_step(config, B, args.dtype, like=steps["minimoe"].model)
@@ -186,7 +195,9 @@ def run(args) -> dict:
         "params_active": counts["active"],
         "flops_per_step": flops,
         "threads": threads,
-        "numpy_blas_threads": numpy_threads,
+        "numpy_blas_threads": blas_threads(),
+        "expert_threads": choice.workers,
+        "threads_chosen": choice.describe(),
         "torch_threads": torch.get_num_threads() if torch else None,
         "matmul_peak_gflops": peak,
         "iters": args.iters,
@@ -217,7 +228,7 @@ def format_table(r: dict) -> str:
         f"({r['tokens_per_step']} tokens/step), {c['n_layer']} layers, C={c['n_embd']}, {heads}{moe}",
         f"params {r['params_total'] / 1e6:.2f}M total, {r['params_active'] / 1e6:.2f}M active per token; "
         f"train FLOPs/step {r['flops_per_step'] / 1e9:.2f} G (count_params)",
-        f"threads {r['threads']} (numpy BLAS {r['numpy_blas_threads']}{torch_threads}); "
+        f"{r['threads_chosen']}{torch_threads}; "
         f"matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s (numpy 2048^3, median of {r['iters']})",
         f"medians of {r['iters']} steps after {r['warmup']} warm-up"
         + (", minimoe, torch and the peak matmul" if "torch" in r else ", minimoe and the peak matmul")

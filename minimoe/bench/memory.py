@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from minimoe.bench.threads import blas_threads
 from minimoe.bench.timing import minimoe_step, torch_step
 from minimoe.config import Config
+from minimoe.threads import apply as apply_threads
 
 # the folder holding the minimoe package that is running: the child process imports the same one
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -45,9 +45,9 @@ def rss_bytes(field="VmHWM") -> int:
 def memory_child(payload: str):
     """Run in a fresh process by `peak_memory`: train a few steps, print the memory as JSON."""
     spec = json.loads(payload)
-    if spec["threads"]:
-        blas_threads(spec["threads"])
     config = Config.from_dict(spec["config"])
+    if spec["threads"]:
+        apply_threads(spec["threads"], config, spec["batch_size"] * config.block_size)
     if spec["kind"] == "torch":
         import torch
 

@@ -20,6 +20,7 @@ from minimoe.errors import OptionError
 from minimoe.model import GPT
 from minimoe.optim import AdamW
 from minimoe.presets import get_preset
+from minimoe.threads import blas_threads
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -36,18 +37,27 @@ def batch(config: Config, batch_size: int, seed: int = 0):
     return rng.integers(0, config.vocab_size, shape), rng.integers(0, config.vocab_size, shape)
 
 
-def matmul_timer(dtype="float32", n=2048):
-    """A runner timing one n x n x n NumPy matmul (2 n^3 FLOPs): this machine's matmul peak.
-    It runs among the training steps (see time_steps), so it sees the same machine load."""
+def matmul_timer(dtype="float32", n=2048, threads=None):
+    """A runner timing one n x n x n NumPy matmul (2 n^3 FLOPs): this machine's matmul peak with
+    `threads` BLAS threads (None: as set). It runs among the training steps (see time_steps), so
+    it sees the same machine load as they do. When minimoe's experts use the threads instead of
+    BLAS (minimoe/threads.py), BLAS gets `threads` for this product only, so the peak is that of
+    the same number of cores."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
     b = rng.standard_normal((n, n)).astype(dtype)
     out = np.empty((n, n), dtype=dtype)
 
     def run():
+        before = blas_threads()
+        if threads is not None and threads != before:
+            blas_threads(threads)
         t0 = time.perf_counter()
         np.matmul(a, b, out=out)
-        return time.perf_counter() - t0, 0.0, 0.0
+        elapsed = time.perf_counter() - t0
+        if threads is not None and threads != before:
+            blas_threads(before)
+        return elapsed, 0.0, 0.0
 
     run.flops = 2 * n**3
     return run

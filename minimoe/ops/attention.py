@@ -12,6 +12,7 @@ import math
 from typing import Any, NamedTuple
 
 from minimoe import backend
+from minimoe.ops import parallel
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding (Su et al. 2021, RoFormer), "rotate halves" layout (GPT-NeoX/Llama):
@@ -147,8 +148,12 @@ _CHUNK_BYTES = 4 * 2**20
 
 
 def _batch_chunks(B, score_bytes_per_row):
-    """Slices of the batch axis, each holding about _CHUNK_BYTES of attention scores."""
+    """Slices of the batch axis, each holding about _CHUNK_BYTES of attention scores; with
+    parallel workers, at least two per worker (so that a worker that starts late still finds
+    some, see ops/parallel.py)."""
     step = max(1, _CHUNK_BYTES // max(1, score_bytes_per_row))
+    if parallel.workers() > 1:
+        step = max(1, min(step, -(-B // (2 * parallel.workers()))))
     return [slice(b, min(b + step, B)) for b in range(0, B, step)]
 
 
@@ -164,26 +169,30 @@ def causal_attention_forward(q, k, v):
     along time, q -> (B, Hkv, g*Tq, D), so one batched matmul per key/value head serves them all.
     """
     # Fast twin of causal_attention_forward_reference: no copies of k and v (heads stacked along
-    # time), a cached additive mask, the softmax in place a few batch rows at a time (CPU cache).
+    # time), a cached additive mask, the softmax in place a few batch rows at a time (CPU cache),
+    # the batch rows shared out among the parallel workers (ops/parallel.py).
     xp = backend.xp_of(q)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     g = H // Hkv
     scale = 1.0 / math.sqrt(D)
     qg = q.reshape(B, Hkv, g * Tq, D)
-    qs = qg * scale  # scaling q (Tq*D numbers) is cheaper than scaling the scores (Tq*Tk)
     mask = _causal_mask(Tq, Tk, xp, q.dtype)
     p = xp.empty((B, Hkv, g * Tq, Tk), dtype=q.dtype)
     y = xp.empty((B, Hkv, g * Tq, D), dtype=q.dtype)
-    for b in _batch_chunks(B, p[0:1].nbytes):
+
+    def rows(b):
         s = p[b]  # these batch rows' attention scores, turned into probabilities in place
-        xp.matmul(qs[b], k[b].swapaxes(-1, -2), out=s)
+        qs = qg[b] * scale  # scaling q (Tq*D numbers) is cheaper than scaling the scores (Tq*Tk)
+        xp.matmul(qs, k[b].swapaxes(-1, -2), out=s)
         s.reshape(-1, Hkv, g, Tq, Tk)[...] += mask  # causal mask, broadcast over (B, Hkv, g)
         # softmax over keys
         s -= s.max(axis=-1, keepdims=True)
         xp.exp(s, out=s)
         s *= 1.0 / s.sum(axis=-1, keepdims=True)  # one division per row, then multiplies
         xp.matmul(s, v[b], out=y[b])
+
+    parallel.run([functools.partial(rows, b) for b in _batch_chunks(B, p[0:1].nbytes)])
     return y.reshape(B, H, Tq, D), AttentionCache(q, k, v, p.reshape(B, H, Tq, Tk), scale)
 
 
@@ -196,7 +205,8 @@ def causal_attention_backward(dy, cache):
     Because the g heads of a group were stacked along time, the matmuls for dk and dv sum over
     the group automatically (a key/value head's gradient is the sum over the heads that read it).
     """
-    # Fast twin of causal_attention_backward_reference: grouped heads, in place, in batch chunks.
+    # Fast twin of causal_attention_backward_reference: grouped heads, in place, in batch chunks
+    # shared out among the parallel workers.
     xp = backend.xp_of(dy)
     k, v, scale = cache.k, cache.v, cache.scale
     B, H, Tq, D = dy.shape
@@ -205,7 +215,8 @@ def causal_attention_backward(dy, cache):
     p = cache.probs.reshape(B, Hkv, -1, Tk)
     dyg = dy.reshape(B, Hkv, -1, D)
     dq, dk, dv = (xp.empty(a.shape, dtype=dy.dtype) for a in (qg, k, v))
-    for b in _batch_chunks(B, p[0:1].nbytes):  # a few batch rows at a time, as in the forward
+
+    def rows(b):  # a few batch rows at a time, as in the forward
         xp.matmul(p[b].swapaxes(-1, -2), dyg[b], out=dv[b])
         dp = dyg[b] @ v[b].swapaxes(-1, -2)
         # softmax backward in place in dp; einsum sums dp * p without a (Tq, Tk) temporary
@@ -214,7 +225,9 @@ def causal_attention_backward(dy, cache):
         ds = dp
         xp.matmul(ds, k[b], out=dq[b])
         xp.matmul(ds.swapaxes(-1, -2), qg[b], out=dk[b])
-    # the scale goes on the (T, D) results rather than on ds (Tq, Tk)
-    dq *= scale
-    dk *= scale
+        # the scale goes on the (T, D) results rather than on ds (Tq, Tk)
+        dq[b] *= scale
+        dk[b] *= scale
+
+    parallel.run([functools.partial(rows, b) for b in _batch_chunks(B, p[0:1].nbytes)])
     return dq.reshape(B, H, Tq, D), dk, dv

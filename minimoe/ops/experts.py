@@ -19,12 +19,13 @@ comparison, tokens summed by a scatter-add); the fast versions below them comput
 numbers with one sort and K gathers (a test checks them equal in float64).
 """
 
+import functools
 import math
 from fractions import Fraction
 from typing import Any, NamedTuple
 
 from minimoe import backend
-from minimoe.ops import ffn
+from minimoe.ops import ffn, parallel
 
 
 def capacity_for(N, K, E, capacity_factor):
@@ -196,24 +197,26 @@ def experts_forward(x_sorted, offsets, w, activation="swiglu"):
 
     w: dict of stacked weights, swiglu: w1, w3 (E, C, F), w2 (E, F, C);
     gelu / gelu_exact / relu: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
+    The experts are independent: they run side by side when there are workers (ops/parallel.py).
     """
     xp = backend.xp_of(x_sorted)
     E = w["w1"].shape[0]
     y = xp.empty_like(x_sorted)
-    caches = []
-    for e in range(E):
+    caches = [None] * E  # None for an expert that received no slot
+
+    def forward(e):
         a, b = offsets[e], offsets[e + 1]
-        if a == b:
-            caches.append(None)
-            continue
         if activation == "swiglu":
-            y[a:b], c = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
+            y[a:b], caches[e] = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
         elif activation == "relu":  # Switch Transformer's experts
-            y[a:b], c = ffn.relu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None)
+            y[a:b], caches[e] = ffn.relu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None)
         else:
             approx = "tanh" if activation == "gelu" else "none"
-            y[a:b], c = ffn.gelu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx)
-        caches.append(c)
+            y[a:b], caches[e] = ffn.gelu_mlp_forward(
+                x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx
+            )
+
+    parallel.run([functools.partial(forward, e) for e in range(E) if offsets[e] < offsets[e + 1]])
     return y, ExpertsCache(caches, offsets, activation, {k: v.shape for k, v in w.items()})
 
 
@@ -221,16 +224,21 @@ def experts_backward(dy_sorted, cache):
     """dy_sorted (M, C) -> dx_sorted (M, C), dict of stacked weight gradients (E, ., .)."""
     xp = backend.xp_of(dy_sorted)
     offsets = cache.offsets
-    dw = {k: xp.zeros(s, dtype=dy_sorted.dtype) for k, s in cache.weight_shapes.items()}
+    dw = {k: xp.empty(s, dtype=dy_sorted.dtype) for k, s in cache.weight_shapes.items()}
     dx = xp.empty_like(dy_sorted)
-    for e, c in enumerate(cache.ffn_caches):
-        if c is None:
-            continue
-        a, b = offsets[e], offsets[e + 1]
+
+    def backward(e):
+        a, b, c = offsets[e], offsets[e + 1], cache.ffn_caches[e]
         if cache.activation == "swiglu":
             dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
         elif cache.activation == "relu":
             dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.relu_mlp_backward(dy_sorted[a:b], c)
         else:
             dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
+
+    used = [e for e, c in enumerate(cache.ffn_caches) if c is not None]
+    for e in set(range(len(cache.ffn_caches))) - set(used):  # an expert that received no token
+        for g in dw.values():
+            g[e] = 0
+    parallel.run([functools.partial(backward, e) for e in used])
     return dx, dw

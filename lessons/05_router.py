@@ -15,9 +15,11 @@
 #
 # $$y = \sum_{e \in S} g_e \, \mathrm{Expert}_e(x).$$
 #
-# In this lesson you build the two gate functions in use today, their hand-derived backward pass,
-# and look at the three properties that make routers tricky: the choice $S$ is piecewise constant,
-# $K=1$ with renormalisation kills the router's gradient, and noise can make the choice explore.
+# In this lesson you build the two softmax gate functions in use today and their hand-derived backward
+# pass, and look at the three properties that make routers tricky: the choice $S$ is piecewise constant,
+# $K=1$ with renormalisation kills the router's gradient, and noise can make the choice explore. Then
+# you meet the routers of the real families (OLMoE, Qwen, Granite, DeepSeek-V3) and write DeepSeek-V3's
+# group-limited choice of experts.
 #
 # Shapes: N tokens, E experts, K experts per token.
 
@@ -354,6 +356,197 @@ print("noisy logits gradient check:", errs)
 assert max(errs.values()) <= 1e-6
 
 # %% [markdown]
+# ## The routers of the real families
+#
+# Every MoE model in use today picks one of a few gate functions, and you have now written two of them:
+#
+# | family | gate of the $k$-th chosen expert | in minimoe |
+# |---|---|---|
+# | Mixtral | $p_{S_k} / \sum_{j \in S} p_j$ (softmax, renormalised) | `router.softmax_topk_forward(..., renormalize=True)` |
+# | Granite-MoE | softmax over the top-$K$ *logits* | the same function as Mixtral's |
+# | Switch, OLMoE, Qwen1.5/2/3-MoE (`norm_topk_prob=False`) | $p_{S_k}$ (softmax, not renormalised) | `router.softmax_topk_forward(..., renormalize=False)` |
+# | DeepSeek-V3 | $r\, s_{S_k} / \sum_{j \in S} s_j$, or $r\, s_{S_k}$, with $s = \sigma(\ell)$ | `router.sigmoid_bias_topk_forward` |
+#
+# Granite's recipe, "the top-$K$ of the logits, then a softmax over those $K$", is `softmax_of_chosen`
+# of the first section: Mixtral's function, written the other way round. Switch, OLMoE and Qwen's
+# default do not renormalise, so their $K$ gates sum to less than one and, as you saw above, a $K = 1$
+# router of theirs still learns from the language-modelling loss.
+#
+# **DeepSeek-V3 drops the softmax.** Each expert's affinity is a sigmoid of its own logit,
+# $s_e = \sigma(\ell_e)$, so the experts do not compete for one probability mass: raising a logit
+# changes no other expert's score. The chosen gates are $s_{S_k} / \sum_{j \in S} s_j$
+# (`norm_topk_prob=True`, the paper's eq. 13) or $s_{S_k}$ itself (`False`), and the MoE layer multiplies
+# them by a constant `routed_scaling_factor` $r$ (2.5 in V3), which multiplies their gradient by $r$
+# too. With $\sigma'(\ell) = s(1 - s)$ the backward is
+#
+# $$\text{not renormalised: } \frac{\partial L}{\partial \ell_{S_k}} = \delta_k\, s_{S_k}(1 - s_{S_k}),
+#   \qquad \text{renormalised: } \frac{\partial L}{\partial \ell_{S_j}}
+#   = \frac{\delta_j - \sum_k \delta_k g_k}{\sum_{i \in S} s_i}\; s_{S_j}(1 - s_{S_j}),$$
+#
+# and 0 for every expert outside $S$ in both cases. Without renormalisation each gate's gradient reaches
+# only its own logit; with it, every chosen gate's gradient reaches every chosen logit. The Jacobians
+# $\partial g_k / \partial \ell_e$ of one token show the four patterns at a glance. Each row is one
+# backward pass of the package's routers with a one-hot `dgates`.
+
+
+# %%
+def gate_jacobian(forward, backward, logits, k):
+    """One token's logits (E,) -> its (K, E) Jacobian d gate_k / d logit_e, and the chosen experts (K,)."""
+    _, idx, cache = forward(logits[None], k)
+    rows = [backward(np.eye(k)[j][None], cache)[0] for j in range(k)]
+    return np.stack(rows), idx[0]
+
+
+E8, no_bias = 8, np.zeros(8)
+routers = {
+    "softmax, renormalised\n(Mixtral, Granite)": (
+        lambda lg, k: router.softmax_topk_forward(lg, k, renormalize=True),
+        router.softmax_topk_backward,
+    ),
+    "softmax, not renormalised\n(Switch, OLMoE, Qwen)": (
+        lambda lg, k: router.softmax_topk_forward(lg, k, renormalize=False),
+        router.softmax_topk_backward,
+    ),
+    "sigmoid, renormalised\n(DeepSeek-V3)": (
+        lambda lg, k: router.sigmoid_bias_topk_forward(lg, no_bias, k, renormalize=True),
+        router.sigmoid_bias_topk_backward,
+    ),
+    "sigmoid, not renormalised\n(DeepSeek-V3, norm_topk_prob=False)": (
+        lambda lg, k: router.sigmoid_bias_topk_forward(lg, no_bias, k, renormalize=False),
+        router.sigmoid_bias_topk_backward,
+    ),
+}
+token = np.random.default_rng(5).standard_normal(E8)
+fig, axes = plt.subplots(1, 4, figsize=(15, 2.4))
+for ax, (name, (fwd, bwd)) in zip(axes, routers.items()):
+    J, chosen = gate_jacobian(fwd, bwd, token, 3)
+    lim = np.abs(J).max()
+    ax.imshow(J, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_title(name, fontsize=9)
+    ax.set_xticks(range(E8))
+    ax.set_xlabel("logit of expert e")
+    ax.set_yticks(range(3))
+    ax.set_yticklabels([f"gate of expert {e}" for e in chosen], fontsize=8)
+plt.tight_layout()
+plt.show()
+
+for renorm in (True, False):
+    gates, _, _ = router.sigmoid_bias_topk_forward(token[None], no_bias, 3, renormalize=renorm)
+
+    def sigmoid_router(lg, renorm=renorm):
+        gates, _, cache = router.sigmoid_bias_topk_forward(lg, no_bias, 3, renormalize=renorm)
+        return gates, cache
+
+    errs = check_op(
+        sigmoid_router, router.sigmoid_bias_topk_backward, [np.random.default_rng(6).standard_normal((6, E8))]
+    )
+    print(
+        f"sigmoid router, renormalize={renorm!s:5}: gates {gates[0]} (sum {gates.sum():.3f}), "
+        f"gradient check {errs[0]:.1e}"
+    )
+    assert errs[0] <= 1e-6
+
+# %% [markdown]
+# Red is positive, blue negative. In every row the red entry is the gate's own logit: raising it raises
+# the gate. The blue entries are the logits that pull the gate down when they rise: the other chosen
+# logits for Mixtral's gate, *every* other logit for Switch's (the experts that were not chosen too),
+# the other chosen logits again for the renormalised sigmoid router, and none at all for the plain
+# sigmoid router, whose gates are independent of each other: one entry per row.
+#
+# ## Group-limited routing
+#
+# DeepSeek-V3 has $E = 256$ routed experts and picks $K = 8$ of them per token. In training the experts
+# are spread over many nodes, and every token travels to the node of each of its experts (the all-to-all
+# of lesson 13): eight experts on eight nodes cost eight transfers over the slowest links. So V3 puts its
+# experts in `n_group` = 8 groups of 32 consecutive experts (in training, the experts of one group share
+# a node) and chooses in two steps:
+#
+# 1. score every group by the **sum of its two best** expert scores (V3 scores with $s + b$, the
+#    biased scores of lesson 07; here, any scores);
+# 2. keep each token's `topk_group` = 4 best groups, set the scores of all other groups' experts to
+#    $-\infty$, and take the top $K$ of what is left.
+#
+# A token's traffic then touches at most 4 nodes. Why two experts per group and not the best one? A group
+# is worth the trip when it has several good experts for the token; the sum of the top two is a cheap
+# estimate of that (it is what DeepSeek's released code computes). Like top-$K$ itself, this is a
+# **selection**: piecewise constant, no gradient. It only changes *which* experts the gradients reach;
+# the gates are then made from the chosen experts' scores as before.
+#
+# **Your turn.** Write it. Groups are consecutive: expert $e$ belongs to group $e \,//\, (E / n_\text{group})$.
+# Ties go to the lower index, for groups and for experts alike, as in `minimoe.backend.topk_indices`
+# (a stable sort of the negated scores). With `n_group = 1` it is the plain top-$K$.
+
+
+# %%
+def group_limited_topk(scores, k, n_group, topk_group):
+    """scores (N, E) -> idx (N, K): each token's K best experts, chosen only among its topk_group best groups."""
+    ### BEGIN SOLUTION
+    N, E = scores.shape
+    grouped = scores.reshape(N, n_group, E // n_group)  # (N, G, E/G): consecutive experts form a group
+    group_score = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # (N, G) sum of each group's 2 best
+    best = np.argsort(-group_score, axis=-1, kind="stable")[:, :topk_group]  # (N, topk_group)
+    keep = np.zeros((N, n_group), dtype=bool)
+    np.put_along_axis(keep, best, True, axis=-1)
+    masked = np.where(np.repeat(keep, E // n_group, axis=-1), scores, -np.inf)  # (N, E) other groups out
+    return np.argsort(-masked, axis=-1, kind="stable")[:, :k]
+    ### END SOLUTION
+
+
+# %% [markdown]
+# **Check** against `minimoe.ops.router.group_limited_topk` (values in `05_router.npz`): the plain top-$K$
+# (`n_group = 1`), random scores with 4 groups of 4, integer scores full of **ties**, DeepSeek-V3's sizes
+# on sigmoid scores, and a hand-made token whose three groups hold $(0.9, 0.1, 0.1, 0.1)$,
+# $(0.6, 0.6, 0, 0)$ and $(0.4, 0.4, 0.4, 0.4)$: the best single expert, the best two and the best total
+# each point to a different group.
+
+# %% check id=group_limited_topk points=2
+FN = "group_limited_topk"
+for name in ("plain", "random", "ties", "two_best", "deepseek_v3"):
+    scores = reference("05", f"glt_{name}_scores")
+    k, n_group, topk_group = (int(v) for v in reference("05", f"glt_{name}_args"))
+    N, E = scores.shape
+    CASE = f"{name} scores ({N}, {E}) k={k} n_group={n_group} topk_group={topk_group}"
+    with case(FN, CASE):
+        idx = group_limited_topk(scores, k, n_group, topk_group)
+    check_shape(FN, CASE, "idx", idx, (N, k), "iu")
+    check_close(FN, CASE, "idx", idx, reference("05", f"glt_{name}_idx"), 0)
+print("group_limited_topk is correct")
+
+# %% [markdown]
+# How often does the limit bind? On random sigmoid scores of DeepSeek-V3's shape (a trained router's
+# scores are not random, so take this as the untrained case), the plain top-8 usually spans five or six
+# of the eight groups, and the group limit changes the chosen set of most tokens. Yet it gives up little:
+# the chosen experts' summed score drops by well under a percent on average, because the experts it
+# swaps are the marginal ones.
+
+# %%
+rng = np.random.default_rng(4)
+scores = 1 / (1 + np.exp(-rng.standard_normal((4000, 256))))  # (N, E) sigmoid scores, V3's E = 256
+plain = backend.topk_indices(scores, 8)
+limited = group_limited_topk(scores, 8, n_group=8, topk_group=4)
+groups_touched = {  # how many groups (nodes) each token's 8 experts sit in; a group is 32 consecutive experts
+    name: np.array([len(set(row)) for row in idx // 32])
+    for name, idx in (("plain top-8", plain), ("group-limited", limited))
+}
+changed = (np.sort(plain, axis=-1) != np.sort(limited, axis=-1)).any(axis=-1)
+kept = np.take_along_axis(scores, limited, -1).sum(-1) / np.take_along_axis(scores, plain, -1).sum(-1)
+print(f"the limit changes the chosen set of {100 * changed.mean():.0f}% of the tokens")
+print(
+    f"summed score of the chosen experts, group-limited / plain: mean {kept.mean():.4f}, min {kept.min():.4f}"
+)
+
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for j, (name, g) in enumerate(groups_touched.items()):
+    ax.bar(np.arange(1, 9) + (j - 0.5) * 0.4, np.bincount(g, minlength=9)[1:] / g.size, 0.4, label=name)
+ax.set_xlabel("groups (nodes) a token's 8 experts live in")
+ax.set_ylabel("fraction of tokens")
+ax.set_title("E = 256 in 8 groups, top-8, at most 4 groups")
+ax.legend()
+plt.tight_layout()
+plt.show()
+assert groups_touched["group-limited"].max() <= 4
+
+# %% [markdown]
 # ## Summary
 #
 # - The renormalised gate (Mixtral) is the softmax of the top-$K$ logits; the unrenormalised gate
@@ -363,16 +556,20 @@ assert max(errs.values()) <= 1e-6
 # - $K = 1$ with renormalisation gives a constant gate of 1 and a router that never learns from the LM
 #   loss.
 # - Noise (Shazeer et al. 2017) smooths the choice in expectation and makes the router explore.
+# - Granite's gate is Mixtral's; OLMoE and Qwen (by default) use Switch's; DeepSeek-V3 uses sigmoid
+#   scores that do not compete, renormalised or not, times a constant `routed_scaling_factor`.
+# - Group-limited routing chooses the experts within a token's best groups (nodes): it bounds the
+#   communication, costs little score, and, being a selection, has no gradient.
 #
 # ## Exercises
 #
 # 1. For the unrenormalised gate, derive $\partial g_k / \partial \ell_e$ for an expert $e \notin S$
 #    (answer: $-g_k p_e$) and confirm it numerically with `minimoe.gradcheck.numerical_gradient`. Why is
 #    the same derivative exactly zero for Mixtral's gate?
-# 2. DeepSeek-V3 (DeepSeek-AI 2024, eqs. 13–16) uses sigmoid scores $s = \sigma(\ell)$, chooses by
-#    $s + b$ with a balancing bias $b$, and renormalises the *unbiased* $s$ over the chosen experts
-#    (`router.sigmoid_bias_topk_forward`). Build a token for which a bias changes the chosen set, and
-#    show that with $b = 0$ its gates differ from Mixtral's softmax gates for the same logits.
+# 2. DeepSeek-V3 (DeepSeek-AI 2024, eqs. 13–16) chooses by $s + b$ with a balancing bias $b$ (lesson 07)
+#    and makes the gates from the *unbiased* $s$ (`router.sigmoid_bias_topk_forward`). Build a token for
+#    which a bias changes the chosen set, and show that with $b = 0$ its gates differ from Mixtral's
+#    softmax gates for the same logits.
 # 3. Shazeer et al. (2017, eqs. 8–9) turn the smooth curves above into a differentiable *load* estimate:
 #    $P(x, e) = \Phi\big((\ell_e - \mathrm{kth}_{-e}(H)) / \mathrm{softplus}((x W_\text{noise})_e)\big)$,
 #    where $\mathrm{kth}_{-e}(H)$ is the $K$-th largest noisy logit among the *other* experts.
@@ -380,6 +577,8 @@ assert max(errs.values()) <= 1e-6
 # 4. Train the tiny model of the K = 1 section for a few steps with `AdamW(..., weight_decay=0.0)` and
 #    `renormalize=True`: confirm that the router weights never change. Then set `aux_loss_coef=0.01`
 #    and watch them move — from the balancing loss alone (Lesson 07).
+# 5. Redo the group-limited statistics for `topk_group` = 1 to 8. Where does the summed score start to
+#    suffer? And for `topk_group = n_group`, show that your `group_limited_topk` is the plain top-$K$.
 
 
 # %% references
@@ -407,4 +606,16 @@ def references():
         for renorm in (True, False):
             cache = router.softmax_topk_forward(out["logits_random"], k, renorm)[2]
             out[f"dlogits_k{k}_{renorm}"] = router.softmax_topk_backward(dgates, cache)
+    # group-limited routing: scores (N, E), (k, n_group, topk_group), and the package's choice
+    two_best = np.array([[0.9, 0.1, 0.1, 0.1, 0.6, 0.6, 0.0, 0.0, 0.4, 0.4, 0.4, 0.4]])  # max, top-2, total
+    glt = {
+        "plain": (rng.standard_normal((6, 8)), (2, 1, 1)),
+        "random": (rng.standard_normal((9, 16)), (3, 4, 2)),
+        "ties": (rng.integers(0, 3, (9, 16)).astype(np.float64), (3, 4, 2)),
+        "two_best": (np.concatenate([two_best, two_best[:, ::-1]]), (2, 3, 1)),
+        "deepseek_v3": (1 / (1 + np.exp(-rng.standard_normal((8, 256)))), (8, 8, 4)),
+    }
+    for name, (scores, args) in glt.items():
+        out[f"glt_{name}_scores"], out[f"glt_{name}_args"] = scores, np.array(args)
+        out[f"glt_{name}_idx"] = router.group_limited_topk(scores, *args)
     return out

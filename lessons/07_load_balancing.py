@@ -14,6 +14,9 @@
 # 3. DeepSeek-V3's **auxiliary-loss-free bias balancing** (Wang et al. 2024; DeepSeek-AI 2024,
 #    sec. 2.1.2), which balances without adding any loss at all.
 #
+# It ends with two smaller knobs of the real families: Switch's router jitter, which makes tokens near
+# a decision edge explore, and a trained per-expert router bias.
+#
 # Shapes: N tokens, E experts, K experts per token.
 
 # %%
@@ -365,6 +368,94 @@ for name, log in runs.items():
 # - The z-loss lowers the router's log-sum-exp without hurting the balance; its benefit (stability) only
 #   shows at scale and in low precision.
 #
+# ## Two more knobs: jitter and a trained router bias
+#
+# **Jitter.** Switch Transformer (Fedus et al. 2021) multiplies the router's input by noise in training,
+#
+# $$\tilde x = x \odot u, \qquad u_{n,c} \sim \mathcal{U}(1 - j,\ 1 + j), \qquad j = 0.01,$$
+#
+# so a token near a decision edge visits both neighbouring experts now and then, and the router gets to
+# see the loss of each: exploration, like the noisy top-$K$ of lesson 05, but without any learned
+# scale. The backward is the forward's own multiplication, $\partial L / \partial x = u \odot
+# \partial L / \partial \tilde x$ (`router.jitter_forward` / `jitter_backward`). In minimoe it is
+# `router_jitter` $= j$; `jitter_scope="router"` (Switch) gives the noisy $\tilde x$ to the router only,
+# `"moe"` to the experts as well, as Hugging Face's Mixtral does with its `router_jitter_noise`.
+#
+# How many tokens does $j = 0.01$ move? Only those whose $K$-th and $(K+1)$-th logits are almost
+# equal. Below, a random router on random inputs: the chance that 20 draws of $u$ change a token's top-2
+# set, against that token's margin $\ell_{(K)} - \ell_{(K+1)}$.
+
+# %%
+rng = np.random.default_rng(7)
+x = rng.standard_normal((4000, 32))  # (N, C) router inputs
+w_r = 0.3 * rng.standard_normal((32, E))  # (C, E) a router with O(1) logits
+logits = x @ w_r
+ranked = np.sort(logits, axis=-1)
+margin = ranked[:, -K] - ranked[:, -K - 1]  # (N,) the K-th logit above the (K+1)-th
+chosen = np.sort(topk_indices(logits, K), axis=-1)
+edges = np.geomspace(1e-3, margin.max(), 16)  # log-spaced margin bins; the first takes everything below
+which = np.clip(np.searchsorted(edges, margin) - 1, 0, 14)  # (N,) the bin of each token
+middle = np.sqrt(edges[:-1] * edges[1:])
+filled = [b for b in range(15) if (which == b).any()]
+
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for j in (0.01, 0.1):
+    changed = np.zeros(len(x))
+    for _ in range(20):
+        x_jit, _ = router.jitter_forward(x, rng.uniform(1 - j, 1 + j, x.shape))
+        changed += (np.sort(topk_indices(x_jit @ w_r, K), axis=-1) != chosen).any(axis=-1)
+    rate = changed / 20
+    ax.plot(middle[filled], [rate[which == b].mean() for b in filled], "o-", label=f"j = {j}")
+    print(f"j = {j}: {100 * (rate > 0).mean():.1f}% of the tokens visit another expert in 20 draws")
+ax.set_xscale("log")
+ax.set_xlabel("margin of the token's K-th logit over the next one")
+ax.set_ylabel("P(top-2 set changes)")
+ax.legend()
+plt.tight_layout()
+plt.show()
+
+u = rng.uniform(0.9, 1.1, (6, 5))
+(err,) = check_op(
+    lambda a: router.jitter_forward(a, u), router.jitter_backward, [rng.standard_normal((6, 5))]
+).values()
+print(f"jitter gradient check: {err:.1e}")
+assert err <= 1e-6
+
+# %% [markdown]
+# **A trained router bias.** Switch's router also has a bias, $\ell = x W + b$ (`router_logit_bias=True`):
+# a per-expert offset that *does* get gradients and is trained by the optimizer like $W$. Compare
+# DeepSeek-V3's selection bias above: it is moved by a fixed step outside the optimizer, and it never
+# changes a gate value, only a choice. Which way do the losses push a trained $b$? Two runs of the same
+# model with the bias and $j = 0.01$, one without and one with the Switch loss:
+
+# %%
+bias_runs = {
+    "no balancing": train(aux_loss_coef=0.0, router_logit_bias=True, router_jitter=0.01),
+    "Switch aux loss 0.01": train(aux_loss_coef=0.01, router_logit_bias=True, router_jitter=0.01),
+}
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+for ax, (name, log) in zip(axes, bias_runs.items()):
+    for layer in range(2):
+        b = to_numpy(log["model"].params[f"blocks.{layer}.moe.router.b"])
+        load = log["load"][-50:, layer].mean(axis=0)  # (E,) share of the slots, last 50 steps
+        ax.scatter(E * load, b, label=f"layer {layer}")
+        print(f"{name:22s} layer {layer}: correlation of b with the load {np.corrcoef(b, load)[0, 1]:+.2f}")
+    ax.axvline(1.0, color="grey", ls=":", lw=1)
+    ax.set_title(name)
+    ax.set_xlabel("expert's load / mean load")
+axes[0].set_ylabel("trained router bias $b_e$")
+axes[0].legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Without balancing, the language-modelling loss raises the offsets of the experts that already win and
+# lowers the others': the bias joins the rich-get-richer loop of the first section. With the Switch loss
+# the gradient $E f_e / N$ pushes the busiest experts' offsets down, and $b$ leans against the load
+# instead (weakly, in our run: the load is nearly even, so there is little left to correct). Either
+# way the offsets stay small, a few hundredths to a tenth or two after 300 steps: most of the routing
+# lives in $W$, which moves each token's logits separately.
+#
 # ## Exercises
 #
 # 1. Raise `aux_loss_coef` to 0.1 and 1.0. Balance improves further; what happens to the LM loss, and to
@@ -378,6 +469,10 @@ for name, log in runs.items():
 # 4. Measure $f$ *after* capacity drops (train with `capacity_factor=1.0`, compute $f$ from the kept
 #    slots) and show numerically that the loss then underestimates the imbalance of the run without
 #    balancing.
+# 5. Train the `switch` preset (`minimoe.get_preset("switch", router_logit_bias=True)`, top-1, not
+#    renormalised, capacity 1.25) on this text and look at $b$ after training. Do the offsets still
+#    follow (or oppose) the load with $K = 1$? Then retrain with `router_jitter=0.1`: does the load
+#    spread more evenly at the start of training?
 
 
 # %% references

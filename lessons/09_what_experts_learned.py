@@ -24,6 +24,7 @@
 # We train a tiny MoE on it and collect its routing. Then you write the **routing statistics** that
 # read it: the load per expert, the task × expert (and character class × expert) table, the mutual
 # information that summarises such a table in one number, and Mixtral's consecutive-token statistic.
+# At the end, a cell reads the same statistics off a real MoE checkpoint, if you have one on disk.
 #
 # Shapes: T time, E experts, K experts per token.
 
@@ -405,6 +406,73 @@ plt.show()
 # the position inside a line's format. Either way it matters in practice: repeated assignments make
 # expert caching and prefetching during generation pay off, and, on the flip side, a batch of one
 # document can overload one expert's device.
+
+# %% [markdown]
+# ## A real model's router
+#
+# Everything above is a 2-layer toy on a synthetic corpus. The same statistics can be read off a real
+# MoE. Point the next cell at a local copy of a real checkpoint, and it prints, for about a thousand
+# tokens of Python's own documentation (the text lessons 04, 07 and 08 train on), how evenly each
+# layer loads its experts, how often consecutive tokens share an expert against chance (Mixtral's
+# statistic), and the experts of the first tokens in the first three MoE layers. Granite-3.0-1B-A400M (24 layers of 32 experts,
+# top-8; 1.3B parameters, 5.3 GB in float32, fine on a laptop) is the smallest of the families minimoe
+# imports; OLMoE, Qwen-MoE, Mixtral and the others load the same way (`minimoe.hf.load_pretrained`,
+# see `docs/families.md`).
+#
+# Set `CHECKPOINT` in the cell, or the environment variable `MINIMOE_HF_MODEL`, to a folder holding
+# `config.json`, the `*.safetensors` files and `tokenizer.json` (reading that needs the `tokenizers`
+# package). **Nothing is downloaded**: without a folder the cell says so and skips.
+
+# %%
+import os
+
+from minimoe import analysis, hf
+from minimoe.data import builtin_corpus
+
+CHECKPOINT = None  # e.g. "~/models/granite-3.0-1b-a400m-base" (a local folder); None: $MINIMOE_HF_MODEL
+folder = CHECKPOINT or os.environ.get("MINIMOE_HF_MODEL")
+if not folder:
+    print(
+        "No local checkpoint: set CHECKPOINT above, or MINIMOE_HF_MODEL, to a model folder with config.json, "
+        "*.safetensors and tokenizer.json to see a real model's routing (nothing is downloaded). Skipped."
+    )
+else:
+    folder = os.path.expanduser(folder)
+    real, real_tok = hf.load_pretrained(folder)  # float32: about 5.3 GB for Granite-3.0-1B-A400M
+    if real_tok is None:
+        print(
+            f"{folder} has no tokenizer.json, or the tokenizers package is missing: nothing to route. Skipped."
+        )
+    else:
+        rc = real.config
+        real_ids = real_tok.encode(builtin_corpus()[:6000])[:1024]  # about a thousand tokens of Python's docs
+        real_routes = analysis.route_tokens(real, real_ids)  # one dict per MoE layer, expert_idx (T, K)
+        chance = analysis.same_expert_baselines(rc.n_experts, rc.top_k)
+        print(
+            f"{folder}: {len(real_routes)} MoE layers of {rc.n_layer}, top-{rc.top_k} of {rc.n_experts} "
+            f"experts, {len(real_ids)} tokens"
+        )
+        print(
+            f"{'layer':>6s}  {'busiest / mean load':>19s}  {'unused experts':>14s}  "
+            f"{'same first choice':>17s}  {'a shared expert':>15s}"
+        )
+        for r in real_routes:
+            load = analysis.expert_load(r["expert_idx"], rc.n_experts)
+            rates = analysis.consecutive_same_expert(r["expert_idx"], rc.n_experts)
+            print(
+                f"{r['layer']:6d}  {rc.n_experts * load.max():19.2f}  {int((load == 0).sum()):14d}  "
+                f"{100 * rates['first_choice']:16.1f}%  {100 * rates['any_choice']:14.1f}%"
+            )
+        print(
+            f"{'chance':>6s}  {'':19s}  {'':14s}  {100 * chance['first_choice']:16.1f}%  "
+            f"{100 * chance['any_choice']:14.1f}%\n"
+        )
+        print(analysis.routing_table([real_tok.decode([i]) for i in real_ids[:24]], real_routes[:3]))
+
+# %% [markdown]
+# Mixtral's paper reports consecutive-token rates well above chance in every layer it shows; see whether
+# your model agrees, and in which layers the effect is strongest. Then look at the routing table for the
+# syntax in it: indentation, punctuation and the pieces of one word.
 #
 # ## Exercises
 #
@@ -418,6 +486,10 @@ plt.show()
 #    first-choice expert; list the most "loyal" characters per layer.
 # 4. Train with `top_k=1, renormalize=False` (Switch-style) and compare the first-choice rate with the
 #    shuffled baseline. Is the sequence effect stronger with one expert per token?
+# 5. With a real checkpoint in the last cell: label every token by the class of its first character
+#    (`char_class` above) and compute, per layer, the mutual information between that label and the
+#    chosen experts with your `contingency_table` and `mutual_information`. Which layers care most
+#    about what kind of token they see?
 
 
 # %% references

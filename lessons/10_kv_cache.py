@@ -13,12 +13,15 @@
 # 2. a greedy generation loop that uses `minimoe`'s `KVCache`, checked token for token against full
 #    recomputation on a dense and a Mixture-of-Experts model,
 # 3. the formula for the cache's memory, and use it to compare multi-head, grouped-query and
-#    multi-query attention at the size of real models.
+#    multi-query attention at the size of real models;
+# 4. the size of the cache of multi-head latent attention (DeepSeek-V2/V3), which stores one small
+#    latent per token instead of every head's keys and values.
 #
 # References: Vaswani et al. 2017 (attention, eq. 1); Shazeer 2019, *Fast Transformer Decoding: One
 # Write-Head is All You Need* (multi-query attention); Ainslie et al. 2023, *GQA* (grouped-query
 # attention); Pope et al. 2022, *Efficiently Scaling Transformer Inference* (the memory cost of the
-# cache); Su et al. 2021, *RoFormer* (rotary positions).
+# cache); Su et al. 2021, *RoFormer* (rotary positions); DeepSeek-AI 2024, *DeepSeek-V2* (sec. 2.1,
+# multi-head latent attention) and *DeepSeek-V3* (sec. 2.1.1).
 
 # %%
 import time
@@ -494,6 +497,219 @@ else:
     )
 
 # %% [markdown]
+# ## 7. Multi-head latent attention: caching less than one head
+#
+# Multi-head attention caches $2 H D$ numbers per token and layer. GQA shares one key/value head among
+# $H / H_{kv}$ query heads, MQA one among all of them, and both pay for it in quality: heads that share
+# a key/value head score the same keys and average the same values. DeepSeek-V2 (DeepSeek-AI 2024, sec. 2.1, eqs. 37–47) and
+# DeepSeek-V3 cache something else: **one latent vector** $c^{KV}_t$ of $r_{kv}$ numbers per token,
+# from which every head's key and value are made by a matrix,
+#
+# $$c^{KV}_t = \mathrm{RMSNorm}(x_t W^{DKV}), \qquad k^{C}_{t,h} = c^{KV}_t W^{UK}_h, \qquad
+#   v_{t,h} = c^{KV}_t W^{UV}_h .$$
+#
+# The heads stay different; only what they are made *from* is shared. Building the keys and values of
+# all past tokens at every step would cost more than caching them, but **associativity** avoids it. The
+# score of head $h$ against a past token is
+#
+# $$q_h\, k_{t,h}^\top = q_h \big(c^{KV}_t W^{UK}_h\big)^\top = \big(q_h W^{UK\top}_h\big)\, c^{KV\top}_t ,$$
+#
+# so each step moves $W^{UK}_h$ onto its one new query ("absorbs" it) and compares the result with the
+# cached latents directly; likewise the output $\sum_t p_{t,h} v_{t,h} = \big(\sum_t p_{t,h}
+# c^{KV}_t\big) W^{UV}_h$. No per-head key or value of the past is ever built.
+#
+# **Positions break this.** RoPE rotates a key by an angle that depends on its position, and that
+# rotation would sit between $W^{UK}_h$ and the latent: $q_h R_i (c^{KV}_t W^{UK}_h R_t)^\top$ has a
+# different matrix in the middle for every pair of positions, so no single absorbed query exists. MLA
+# therefore adds a small **decoupled** part that carries position: $d_r$ more query dimensions per head,
+# and **one** RoPE key $k^R_t = \mathrm{RoPE}(x_t W^{KR})$ per token, shared by all heads (multi-query
+# attention for that part only). Head $h$'s key is $[k^C_{t,h} \mid k^R_t]$, and the cache holds
+#
+# $$r_{kv} + d_r \ \text{numbers per token and layer:} \quad 512 + 64 = 576 \text{ in DeepSeek-V3,}$$
+#
+# against $2 \cdot 128 \cdot 128 = 32{,}768$ for multi-head attention with its 128 heads of 128, and
+# $2{,}048$ for GQA with 8 groups.
+#
+# In minimoe: `Config(attention="mla", kv_lora_rank=..., qk_rope_head_dim=..., q_lora_rank=...)`; the
+# op, its backward and the decoding path are `minimoe.ops.mla`, and
+# `minimoe.layers.attention.make_kv_cache(config, B, T_max)` builds the cache a model needs: a `KVCache`
+# for MHA/GQA/MQA, an `ops.mla.LatentKVCache` for MLA. A tiny MLA model and its cache, next to the
+# GQA model of the checks:
+
+# %%
+from minimoe.layers.attention import make_kv_cache
+from minimoe.ops import mla
+from minimoe.sample import generate
+
+mla_models = {
+    "mla, direct query": minimoe.Config(flavour="llama", attention="mla", **tiny),  # sizes from D = C / H
+    "mla, low-rank query": minimoe.Config(
+        flavour="llama",
+        attention="mla",
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=6,
+        qk_rope_head_dim=6,
+        v_head_dim=10,
+        **tiny,
+    ),
+    "deepseek-v3 toy": minimoe.get_preset("deepseek-v3", **tiny),  # + sigmoid routing in groups
+}
+c = mla_models["mla, direct query"]
+print(f"C = {c.n_embd}, H = {c.n_head}, D = {c.head_size}: kv_lora_rank = {c.kv_lora_rank}, "
+      f"qk_rope_head_dim = {c.qk_rope_head_dim}, qk_nope_head_dim = {c.qk_nope_head_dim}, v_head_dim = {c.v_head_dim}")  # fmt: skip
+latent = make_kv_cache(c, B=1, T_max=16)
+gqa = make_kv_cache(models["llama dense, GQA"], B=1, T_max=16)
+print(f"MLA cache, per layer: c_kv {latent.c_kv[0].shape}, k_pe {latent.k_pe[0].shape}  (B, T_max, ...)")
+print(f"GQA cache, per layer: k {gqa.k[0].shape}, v {gqa.v[0].shape}  (B, Hkv, T_max, D)")
+
+# %% [markdown]
+# With DeepSeek-V2's proportions, which the tiny models take by default ($r_{kv} = 4D$, $d_r = D/2$),
+# MLA caches $4.5\,D$ numbers per token and layer, as much as multi-head attention with 2.25 heads: at
+# 4 heads it saves little (above: 36 numbers per layer, against 32 for this GQA model), at DeepSeek-V3's
+# 128 heads a factor of 57 (the table at the end of this section).
+#
+# The absorbed attention (`mla.mla_attend_absorbed`, what a decoding step runs) against its plain twin
+# (`mla.mla_attend_expanded`: build every head's keys and values from the latents, then attend), in
+# float64 on random numbers: one new query after 40 cached positions, DeepSeek-V3's proportions at a
+# small size.
+
+# %%
+rng = np.random.default_rng(3)
+B_, H_, Tk_, dn, dr, dv, rkv = 2, 4, 41, 16, 8, 16, 64  # V3: 128, 64, 128, 512
+q_nope, q_pe = rng.standard_normal((B_, H_, 1, dn)), rng.standard_normal((B_, H_, 1, dr))  # the new query
+c_kv, k_pe = rng.standard_normal((B_, Tk_, rkv)), rng.standard_normal((B_, Tk_, dr))  # what the cache holds
+wkv_b = rng.standard_normal((rkv, H_ * (dn + dv))) / np.sqrt(rkv)  # W_UK and W_UV of every head
+absorbed = mla.mla_attend_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b)
+expanded = mla.mla_attend_expanded(q_nope, q_pe, c_kv, k_pe, wkv_b)
+print(f"absorbed vs expanded: rel error {rel_error(absorbed, expanded):.1e}, output {absorbed.shape}")
+print(f"the expanded path builds keys and values of {B_ * H_ * Tk_ * (dn + dv)} numbers for this one step; "
+      f"the absorbed one reads the {B_ * Tk_ * (rkv + dr)} cached numbers")  # fmt: skip
+assert rel_error(absorbed, expanded) < 1e-12
+
+# %% [markdown]
+# **The backward.** Training runs the plain path (keys and values expanded from the latents), and its
+# backward is the attention backward of lesson 03 plus one new term: the RoPE key $k^R_t$ is read by
+# every head, so its gradient is the **sum** of the heads' gradients, as for the shared key of
+# multi-query attention. A float64 gradient check of the attention core, `mla.mla_attend_forward` /
+# `mla_attend_backward`, whose `k_pe` has a single head axis of size 1:
+
+# %%
+Tq_ = 5
+shapes = [(B_, H_, Tq_, dn), (B_, H_, Tq_, dr), (B_, H_, Tq_, dn), (B_, 1, Tq_, dr), (B_, H_, Tq_, dv)]
+inputs = [rng.standard_normal(shape) for shape in shapes]  # q_nope, q_pe, k_nope, k_pe, v
+errs = check_op(mla.mla_attend_forward, mla.mla_attend_backward, inputs, eps=1e-5)
+names = ("q_nope", "q_pe", "k_nope", "k_pe (shared)", "v")
+print("rel errors:", {names[i]: f"{e:.1e}" for i, e in errs.items()})
+assert max(errs.values()) <= 1e-6
+
+# %% [markdown]
+# And the promise of section 4 holds for MLA too: `minimoe.sample.generate` builds the latent cache for
+# an MLA model, decodes with absorbed weights, and picks exactly the tokens that full recomputation picks.
+
+# %%
+for name, config in mla_models.items():
+    model = minimoe.GPT(config, seed=0, dtype="float64").eval()
+    new_ids = generate(model, prompts[0], 30, temperature=0.0)
+    same = new_ids == generate_recompute(model, prompts[:1], 30)[0, -30:].tolist()
+    print(f"{name:20s} cached == recomputation: {same}   {tok.decode(new_ids)!r}")
+    assert same
+
+# %% [markdown]
+# **Your turn:** the size of MLA's cache. Per layer it holds the latent ($r_{kv}$ = `kv_lora_rank`
+# numbers) and the one RoPE key ($d_r$ = `qk_rope_head_dim`) of every token; nothing per head, and no
+# separate values.
+
+
+# %%
+def mla_cache_bytes(config, T, B=1, bytes_per_number=2):
+    """Bytes of MLA's cache (the latent and the RoPE key of all layers) for B sequences of T tokens."""
+    ### BEGIN SOLUTION
+    c = config
+    return c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) * T * B * bytes_per_number
+    ### END SOLUTION
+
+
+# %% [markdown]
+# **Check** against the arrays that `make_kv_cache` really allocates for the three tiny MLA models
+# (float32), and against DeepSeek-V3 by hand: $61 \cdot (512 + 64) \cdot 2 = 70{,}272$ bytes per token in
+# bf16, about 69 KiB.
+
+# %% check id=mla_cache_bytes points=1
+FN = "mla_cache_bytes"
+for name, c in mla_models.items():
+    allocated = make_kv_cache(c, 3, 50, dtype="float32").nbytes
+    CASE = (
+        f"{name} (n_layer={c.n_layer} n_head={c.n_head} kv_lora_rank={c.kv_lora_rank} "
+        f"qk_rope_head_dim={c.qk_rope_head_dim}) T=50 B=3 float32"
+    )
+    with case(FN, CASE):
+        n_bytes = mla_cache_bytes(c, T=50, B=3, bytes_per_number=4)
+    check_shape(FN, CASE, "bytes", n_bytes, (), "iuf")
+    check_close(FN, CASE, "bytes (vs the LatentKVCache arrays)", n_bytes, np.asarray(allocated), 0)
+CASE = "deepseek-v3-671b T=1 bf16"
+with case(FN, CASE):
+    n_bytes = mla_cache_bytes(minimoe.get_preset("deepseek-v3-671b"), T=1)
+check_close(FN, CASE, "bytes", n_bytes, np.asarray(70272), 0)
+print("mla_cache_bytes: OK")
+
+# %% [markdown]
+# Now DeepSeek-V3's attention shapes (61 layers, 128 heads) with each kind of cache, in bf16: MHA, GQA-8
+# and MQA with heads of $D = 128$ (your `kv_cache_bytes`), and MLA (your `mla_cache_bytes`). One more
+# row shows what caching MLA's *expanded* keys and values would cost: $H (d_n + d_r) + H d_v$ numbers per
+# token and layer. The package's own count, `minimoe.presets.kv_cache_per_token`, agrees with yours.
+
+# %%
+from minimoe.presets import kv_cache_per_token
+
+v3 = minimoe.get_preset("deepseek-v3-671b")
+not_mla = dict(attention="mha", q_lora_rank=0, kv_lora_rank=None, qk_nope_head_dim=None,
+               qk_rope_head_dim=None, v_head_dim=None, head_dim=128)  # fmt: skip
+kinds = {
+    "MHA": v3.replace(n_kv_head=v3.n_head, **not_mla),
+    "MLA, keys and values expanded": None,
+    "GQA-8": v3.replace(n_kv_head=8, **not_mla),
+    "MQA": v3.replace(n_kv_head=1, **not_mla),
+    "MLA": v3,
+}
+T_ctx = 131072  # DeepSeek-V3's 128K context
+per_token = {}  # bytes per token, all layers, bf16
+for kind, c in kinds.items():
+    if c is None:  # H (dn + dr) key numbers and H dv value numbers per token and layer
+        per_layer = v3.n_head * (v3.qk_nope_head_dim + v3.qk_rope_head_dim + v3.v_head_dim)
+        per_token[kind] = 2 * v3.n_layer * per_layer
+    elif c.attention == "mla":
+        per_token[kind] = mla_cache_bytes(c, T=1)
+    else:
+        per_token[kind] = kv_cache_bytes(c, T=1)
+    if c is not None:
+        assert per_token[kind] == 2 * kv_cache_per_token(c)
+print(f"DeepSeek-V3 shapes ({v3.n_layer} layers, {v3.n_head} heads), bf16")
+print(f"{'cache':30s} {'numbers/token/layer':>20s} {'KiB/token':>10s} {'GiB at 128K tokens':>19s}")
+for kind, b in per_token.items():
+    print(f"{kind:30s} {b // (2 * v3.n_layer):20,d} {b / 2**10:10.1f} {b * T_ctx / 2**30:19.1f}")
+
+fig, ax = plt.subplots(figsize=(8, 3.2))
+bars = ax.barh(list(per_token), [b / 2**10 for b in per_token.values()], color="tab:blue")
+bars[-1].set_color("tab:red")
+ax.bar_label(bars, fmt="%.1f KiB", padding=3, fontsize=8)
+ax.set_xscale("log")
+ax.set_xlim(10, 3e4)
+ax.invert_yaxis()
+ax.set_xlabel("cache per token, KiB (61 layers, bf16)")
+ax.set_title("DeepSeek-V3's attention shapes, each kind of cache")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# MLA caches about as much as GQA with 2.25 groups, while every one of its 128 heads keeps keys and values
+# of its own. The price is arithmetic: in the absorbed form each head compares its query with
+# $r_{kv} + d_r = 576$ cached numbers per past token and sums $r_{kv} = 512$-number latents, where
+# multi-head attention uses $D = 128$ for each: about four times the multiply-adds per head and past
+# token. A decoding step is mostly limited by how fast the cache and the weights come out of memory
+# (section 5), so that is a trade worth making.
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. **Sampling.** Change `generate_cached` to sample from $\operatorname{softmax}(\text{logits}/\tau)$
@@ -510,6 +726,12 @@ else:
 # 4. **Sliding window.** Mistral 7B attends to the last 4096 tokens only. Change `kv_cache_bytes` for a
 #    window $W$ and recompute the table for $W = 4096$. How would you store such a cache without copying
 #    it at every step? (Hint: a ring buffer indexed by position mod $W$ — RoPE already encodes positions.)
+# 5. **Your loop, any attention.** Replace `KVCache(...)` in your `generate_cached` by
+#    `make_kv_cache(model.config, B, T_max, xp=model.xp, dtype=model.dtype)` and run the check of
+#    section 4 on the three MLA models of section 7. Why does nothing else in your loop have to change?
+# 6. **How small can the latent be?** Train the `deepseek-v3` toy preset
+#    (`minimoe.get_preset("deepseek-v3", kv_lora_rank=r)`) with the training loop of lesson 08 for
+#    $r$ = 16, 32 and 64, and compare the validation losses with the cache each saves.
 
 
 # %% references

@@ -2,6 +2,7 @@
 
     with fake_cupy.installed():      # sys.modules["cupy"], ["cupyx"], ... replaced
         backend.set_backend("cupy")
+    fake_cupy.install()              # the same for the rest of the process (a test session)
 
 Its `ndarray` wraps a numpy array and, like real CuPy, refuses to become numpy implicitly:
 `numpy.asarray(a)` and numpy functions or ufuncs on it raise TypeError. It is STRICTER than
@@ -24,8 +25,25 @@ transfers: collections.Counter = collections.Counter()
 _HOST_OK = ("asarray", "array")  # the explicit host -> device copies
 
 
+_PLAIN = (int, float, bool, str, slice, type(None), type(Ellipsis), numpy.dtype, type)  # passed as they are
+
+
 def _unwrap(x, where: str):
     """Wrapped arrays -> their numpy array (recursively in lists/tuples/dicts); numpy arrays refused."""
+    t = type(x)
+    if t is ndarray:
+        return x._a
+    if t in _PLAIN:
+        return x
+    if t is numpy.ndarray:
+        raise TypeError(f"fake cupy: a host numpy array was passed to {where} (a hidden host->device copy)")
+    if t is tuple or t is list:
+        return t([_unwrap(v, where) for v in x])
+    return _unwrap_other(x, where)
+
+
+def _unwrap_other(x, where):
+    """_unwrap for the rarer types (subclasses, dicts): the general isinstance tests."""
     if isinstance(x, ndarray):
         return x._a
     if isinstance(x, numpy.ndarray):
@@ -39,13 +57,16 @@ def _unwrap(x, where: str):
 
 def _wrap(x):
     """numpy results -> device results: arrays and scalars become ndarray (cupy reductions give 0-d arrays)."""
+    t = type(x)
+    if t is numpy.ndarray:
+        return ndarray(x)
     if isinstance(x, numpy.ndarray):
         return ndarray(x)
     if isinstance(x, numpy.generic):
         return ndarray(numpy.asarray(x))
-    if isinstance(x, tuple):
-        return tuple(_wrap(v) for v in x)
-    if isinstance(x, list):
+    if t is tuple:
+        return tuple([_wrap(v) for v in x])
+    if t is list:
         return [_wrap(v) for v in x]
     if isinstance(x, numpy.random.Generator):
         return _Proxy(x, "Generator")
@@ -57,12 +78,15 @@ class _Proxy:
 
     def __init__(self, obj, name):
         self._obj, self._name = obj, name
+        self._host_ok = name.split(".")[-1] in _HOST_OK
 
     def __call__(self, *args, **kwargs):
-        if self._name.split(".")[-1] in _HOST_OK:
+        if self._host_ok:
             out = self._obj(*(_unwrap_soft(a) for a in args), **kwargs)
             return ndarray(out if isinstance(args[0], ndarray) else out.copy())  # host data: a copy
-        return _wrap(self._obj(*_unwrap(args, self._name), **_unwrap(kwargs, self._name)))
+        if kwargs:
+            kwargs = {k: _unwrap(v, self._name) for k, v in kwargs.items()}
+        return _wrap(self._obj(*_unwrap(args, self._name), **kwargs))
 
     def __getattr__(self, name):
         attr = getattr(self._obj, name)
@@ -87,8 +111,11 @@ class ndarray:  # noqa: N801 (cupy's spelling)
     __array_ufunc__ = None  # numpy ufuncs on a device array: TypeError
     __hash__ = None
 
+    made = 0  # device arrays made so far in this process (tells whether a test ran on the "device")
+
     def __init__(self, a):
         self._a = a
+        ndarray.made += 1
 
     def __array__(self, *args, **kwargs):
         raise TypeError("fake cupy: implicit conversion to a numpy array is not allowed; use .get()")
@@ -122,6 +149,13 @@ class ndarray:  # noqa: N801 (cupy's spelling)
 
     def tolist(self):
         return self._scalar("tolist", lambda a: a.tolist())
+
+    # metadata lives on the host in CuPy too
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    T = property(lambda self: ndarray(self._a.T))
 
     # everything else: numpy's method or attribute, results kept on the "device"
     def __getattr__(self, name):
@@ -207,6 +241,13 @@ def _make_modules() -> dict:
         "cupyx.scipy": cupyx.scipy,
         "cupyx.scipy.special": cupyx.scipy.special,
     }
+
+
+def install():
+    """Put the fake modules into sys.modules for good (a whole test session) and return `cupy`."""
+    mods = _make_modules()
+    sys.modules.update(mods)
+    return mods["cupy"]
 
 
 @contextlib.contextmanager

@@ -47,6 +47,18 @@ if ON_DEVICE:
     backend.set_backend("cupy")
 
 
+DEVICE = "gpu" if ON_DEVICE else "cpu"  # the train()/CLI `device` that runs on the session's backend
+
+
+@pytest.fixture(autouse=True)
+def _session_backend():
+    """Each test starts on the session's backend: one that switched it (train(device=...), the
+    CLI's --device, set_backend) cannot leave the next test on another one."""
+    yield
+    if backend.get_backend() != ("cupy" if ON_DEVICE else "numpy"):
+        backend.set_backend("cupy" if ON_DEVICE else "numpy")
+
+
 def on_host_only(reason: str):
     """Skip a test under a device test backend only, saying why it cannot run there."""
     return pytest.mark.skipif(
@@ -83,6 +95,11 @@ def assert_allclose(actual, desired, **kwargs):
 def assert_array_equal(actual, desired, **kwargs):
     """np.testing.assert_array_equal on host copies of two arrays from any backend."""
     np.testing.assert_array_equal(to_numpy(actual), to_numpy(desired), **kwargs)
+
+
+def array_equal(a, b) -> bool:
+    """np.array_equal on host copies of two arrays from any backend."""
+    return bool(np.array_equal(to_numpy(a), to_numpy(b)))
 
 
 def tiny_config(flavour="gpt2", **overrides) -> Config:
@@ -144,15 +161,22 @@ def pytest_report_header(config):
 _HOST_ONLY_PASSES: list = []
 
 
-@pytest.fixture(autouse=True)
-def _count_device_arrays(request):
-    if TEST_BACKEND != "fake-cupy":
-        yield
-        return
-    before = fake_cupy.ndarray.made
+_MADE_BEFORE = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if TEST_BACKEND == "fake-cupy":
+        item.stash[_MADE_BEFORE] = fake_cupy.ndarray.made
     yield
-    if fake_cupy.ndarray.made == before:
-        _HOST_ONLY_PASSES.append(request.node.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if TEST_BACKEND == "fake-cupy" and call.when == "call" and report.passed:
+        if fake_cupy.ndarray.made == item.stash[_MADE_BEFORE]:  # nothing made in its setup or call
+            _HOST_ONLY_PASSES.append(item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter, config):

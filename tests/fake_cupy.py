@@ -76,9 +76,9 @@ def _wrap(x):
 class _Proxy:
     """A numpy callable/namespace seen through the device: arguments unwrapped, results wrapped."""
 
-    def __init__(self, obj, name):
+    def __init__(self, obj, name, host_ok=None):
         self._obj, self._name = obj, name
-        self._host_ok = name.split(".")[-1] in _HOST_OK
+        self._host_ok = name.split(".")[-1] in _HOST_OK if host_ok is None else host_ok
 
     def __call__(self, *args, **kwargs):
         if self._host_ok:
@@ -92,11 +92,11 @@ class _Proxy:
         attr = getattr(self._obj, name)
         if isinstance(attr, type):
             return attr  # dtypes (float32, int64, ...)
-        return (
-            _Proxy(attr, f"{self._name}.{name}")
-            if callable(attr) or isinstance(attr, types.ModuleType)
-            else attr
-        )
+        if callable(attr) or isinstance(attr, types.ModuleType):
+            attr = _Proxy(attr, f"{self._name}.{name}")
+        if isinstance(self._obj, types.ModuleType):
+            setattr(self, name, attr)  # a module's functions do not change: look each up once
+        return attr
 
 
 def _unwrap_soft(x):
@@ -162,7 +162,7 @@ class ndarray:  # noqa: N801 (cupy's spelling)
         if name.startswith("__"):
             raise AttributeError(name)
         attr = getattr(self._a, name)
-        return _Proxy(attr, f"ndarray.{name}") if callable(attr) else _wrap(attr)
+        return _Proxy(attr, f"ndarray.{name}", host_ok=False) if callable(attr) else _wrap(attr)
 
     def argsort(self, axis=-1, kind=None):
         return ndarray(numpy.argsort(self._a, axis=axis, kind="stable"))

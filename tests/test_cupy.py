@@ -145,6 +145,38 @@ def test_host_transfers_per_training_step(fake):
     assert counted == EXPECTED_TRANSFERS
 
 
+def _gets_per_call(fn, n_calls):
+    """Device -> host copies, by kind, per call of fn() (after one warm-up call)."""
+    fn()
+    fake_cupy.transfers.clear()
+    for _ in range(n_calls):
+        fn()
+    return {k: v / n_calls for k, v in fake_cupy.transfers.items() if v}
+
+
+def test_host_transfers_per_generated_token(fake):
+    # Per new token: the last position's logits (sampling is on the host) and each MoE layer's
+    # dispatch offsets. The ids go to the model as host arrays, so their range check costs no
+    # copy (it once cost one more: generate moved them to the device first).
+    backend.set_backend("cupy")
+    model = GPT(small_preset("mixtral"), seed=0)
+    n = 6  # prefill + 5 cached decode steps (the prompt is 3, block_size 8: no sliding window)
+    per_call = _gets_per_call(lambda: generate(model, [1, 2, 3], n, temperature=0.0), 2)
+    assert per_call == {"get": n * (1 + 2)}
+
+
+def test_host_transfers_of_routes(fake):
+    # `route_tokens` copies each MoE layer's chosen experts and gates per window, and the dispatch
+    # offsets; the window's ids are range-checked on the host (no copy)
+    from minimoe.analysis import route_tokens
+
+    backend.set_backend("cupy")
+    model = GPT(small_preset("mixtral"), seed=0)
+    ids = np.arange(16) % 13  # two windows of block_size 8
+    per_call = _gets_per_call(lambda: route_tokens(model, ids), 2)
+    assert per_call == {"get": 2 * 2 * 3}  # windows x layers x (offsets, expert_idx, gates)
+
+
 # ---------------------------------------------------------------------------- the real thing
 def _have_gpu() -> bool:
     try:

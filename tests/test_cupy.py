@@ -8,6 +8,8 @@ so its results must match the numpy backend's (to float32 round-off where the GP
 in another order: the embedding gradient's scatter-add).
 """
 
+import json
+
 import fake_cupy
 import numpy as np
 import pytest
@@ -126,6 +128,38 @@ def test_train_loop_on_fake_cupy_matches_cpu(fake, tmp_path):
     assert gpu["sample"] == cpu["sample"] and len(gpu["sample"]) > 0
 
 
+def test_cli_on_fake_cupy_matches_cpu(fake, tmp_path, capsys):
+    # `minimoe train / sample / routes --device gpu`: the same losses, text and routes as the CPU
+    from minimoe import cli, data
+
+    path = tmp_path / "tasks.txt"
+    path.write_text(data.synthetic_corpus(300, seed=0), encoding="utf-8")
+    size = ["--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--n-experts", "4", "--top-k", "2",
+            "--block-size", "16", "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2",
+            "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "8", "--data", str(path)]  # fmt: skip
+    out = {}
+    for device in ("cpu", "gpu"):
+        run = str(tmp_path / device)
+        dev = ["--device", device]
+        assert cli.main(["train", *size, "--out", run, *dev]) == 0
+        assert backend.get_backend() == ("cupy" if device == "gpu" else "numpy")
+        assert cli.main(["sample", "--ckpt", run, "--max-new-tokens", "12", "--seed", "1", *dev]) == 0
+        assert cli.main(["routes", "--ckpt", run, "--text", "1+2=3", *dev]) == 0
+        metrics = [
+            json.loads(line) for line in (tmp_path / device / "metrics.jsonl").read_text().splitlines()
+        ]
+        out[device] = (
+            [(r["step"], r["train_loss"], r.get("val_loss")) for r in metrics],
+            capsys.readouterr().out,
+        )
+    (cpu_losses, cpu_text), (gpu_losses, gpu_text) = out["cpu"], out["gpu"]
+    assert [s for s, _, _ in gpu_losses] == [s for s, _, _ in cpu_losses] == [1, 2, 3, 4]
+    np.testing.assert_allclose(np.array([r[1:] for r in gpu_losses], dtype=float),
+                               np.array([r[1:] for r in cpu_losses], dtype=float), rtol=1e-5)  # fmt: skip
+    text_of = lambda t: [ln for ln in t.splitlines() if not ln.startswith(("step", "done", "training"))]
+    assert text_of(gpu_text) == text_of(cpu_text) and len(text_of(gpu_text)) > 3
+
+
 # Device -> host copies in one training step of a 2-layer MoE model: the token ids arrive from
 # the host and are range-checked there (no copy); each MoE layer copies its E+1 dispatch
 # offsets once (the experts' slice bounds must be host ints).
@@ -179,10 +213,11 @@ def test_host_transfers_of_routes(fake):
 
 # ---------------------------------------------------------------------------- the real thing
 def _have_gpu() -> bool:
+    """The real CuPy with a CUDA device (not the fake, which a fake-cupy test session installs)."""
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        return cupy.ndarray is not fake_cupy.ndarray and cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
 

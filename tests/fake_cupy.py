@@ -215,7 +215,10 @@ def _make_modules() -> dict:
     cupy = types.ModuleType("cupy")
     cupy.ndarray = ndarray
     cupy.random = _Proxy(numpy.random, "random")
-    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    cupy.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        Device=lambda *args: types.SimpleNamespace(synchronize=lambda: None),  # nothing runs asynchronously
+    )
     cupy.asnumpy = lambda a: a.get() if isinstance(a, ndarray) else numpy.asarray(a)
     np_proxy = _Proxy(numpy, "cupy")
     cupy.__getattr__ = lambda name: getattr(np_proxy, name)  # PEP 562 module __getattr__

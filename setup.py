@@ -16,18 +16,20 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    # The lesson notebooks (lessons/ in the checkout) ship inside the package as the data-only
-    # package minimoe.lessons.notebooks (installed at minimoe/lessons/notebooks/), so that
-    # `python -m minimoe.lessons copy DIR` works from a wheel. The lesson sources (*.py) come along.
+    # The built lesson notebooks (lessons/*.ipynb, their .npz reference values and the READMEs) ship
+    # as package data (the .py sources come along as the package's modules), so that
+    # `python -m minimoe.lessons copy DIR` and `... student DIR` work from an installed wheel.
     packages=find_packages(include=["minimoe", "minimoe.*"]) + ["minimoe.lessons.notebooks"],
     package_dir={"minimoe.lessons.notebooks": "lessons"},
-    package_data={"minimoe.lessons.notebooks": ["*.ipynb", "*.npz", "*.md", "*.png"]},
+    package_data={"minimoe.lessons.notebooks": ["*.ipynb", "*.npz", "*.md"]},
     install_requires=["numpy>=1.24"],
     extras_require={
         # CuPy wheels are built per CUDA major version: `gpu` is CUDA 12.x (cupy-cuda12x),
         # `gpu-cuda13` is CUDA 13.x. Pick the one your NVIDIA driver supports (nvidia-smi tells).
         "gpu": ["cupy-cuda12x>=13"],
         "gpu-cuda13": ["cupy-cuda13x>=14"],
+        # Teachers: nbgrader's generate_assignment / autograde on the lesson notebooks.
+        "teach": ["nbgrader>=0.9", "nbclient>=0.7", "nbformat>=5", "ipykernel"],
         "lessons": ["jupyter", "nbclient>=0.7", "nbformat>=5", "ipykernel", "matplotlib>=3.5", "tqdm"],
         "test": [
             "pytest>=7",

@@ -11,10 +11,12 @@
 # 3. float32 versus float64, and how to check a gradient numerically. **You build**
 #    `numerical_gradient`, the function every later check rests on.
 #
-# How to use a lesson: read each cell, run it, and look at what it prints. Cells that say
-# `### BEGIN SOLUTION` ... `### END SOLUTION` hold the piece you write; in the student version
-# they contain `raise NotImplementedError`, and the **check** cell after them tells you when your
-# piece is right.
+# How to use a lesson: read each cell, run it, and look at what it prints. The piece you write sits
+# between two marker comments, BEGIN&nbsp;SOLUTION and END&nbsp;SOLUTION; in the handout it is
+# `raise NotImplementedError`, and the **check** cell after it tells you when your piece is right. A
+# check tests shapes first, then (for a backward pass) a numerical gradient, then the values the
+# package computes; when it fails, its one-line message names your function, the case that failed
+# and the numbers, e.g. `numerical_gradient, case x (3, 4): grad has shape (12,), expected (3, 4)`.
 
 # %%
 import time
@@ -24,6 +26,7 @@ import numpy as np
 
 import minimoe
 from minimoe import backend, gradcheck
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_shape, reference
 from minimoe.ops import linear
 
 np.set_printoptions(precision=4, suppress=True)
@@ -195,28 +198,28 @@ def numerical_gradient(f, x, h=1e-5):
 
 # %% [markdown]
 # **Check.** A function whose gradient we know by hand, $f(x) = \sum_{ij} u_{ij} \tanh(x_{ij})$ with
-# $\partial f / \partial x_{ij} = u_{ij} (1 - \tanh^2 x_{ij})$, and minimoe's own
-# `gradcheck.numerical_gradient` (it returns the flat indices it visited and the values).
+# $\partial f / \partial x_{ij} = u_{ij} (1 - \tanh^2 x_{ij})$, on a `(3, 4)` array and on a single
+# number; then the central differences that `minimoe.gradcheck` computes for the same function
+# (stored in `00_setup.npz`). And `x` must be exactly as it was before.
 
-# %%
-rng = np.random.default_rng(0)
-xc = rng.standard_normal((3, 4))  # float64
-u = rng.standard_normal((3, 4))
-x_before = xc.copy()
+# %% check id=numerical_gradient points=2
+FN = "numerical_gradient"
 
 
-def f_tanh():
-    return float((u * np.tanh(xc)).sum())
+def check_numerical_gradient(key):
+    xc, u = reference("00", f"{key}_x"), reference("00", f"{key}_u")
+    x_before = xc.copy()
+    CASE = f"x {xc.shape}, f = sum(u * tanh(x))"
+    with case(FN, CASE):
+        num = numerical_gradient(lambda: float((u * np.tanh(xc)).sum()), xc)
+    check_shape(FN, CASE, "grad", num, xc.shape, "f")
+    check_close(FN, CASE, "x after the call (it must be restored)", xc, x_before, 0)
+    check_close(FN, CASE, "grad (vs the exact gradient)", num, u * (1 - np.tanh(xc) ** 2), 1e-8)
+    check_close(FN, CASE, "grad (vs minimoe.gradcheck)", num, reference("00", f"{key}_grad"), 1e-8)
 
 
-num = numerical_gradient(f_tanh, xc)
-assert num.shape == xc.shape, f"expected shape {xc.shape}, got {num.shape}"
-assert np.array_equal(xc, x_before), "x must be restored after the check"
-err_exact = gradcheck.rel_error(num, u * (1 - np.tanh(xc) ** 2))
-_, ref = gradcheck.numerical_gradient(f_tanh, xc, eps=1e-5)
-err_ref = gradcheck.rel_error(num.reshape(-1), ref)
-print(f"vs the exact gradient: {err_exact:.1e} | vs minimoe.gradcheck: {err_ref:.1e}")
-assert err_exact < 1e-8 and err_ref < 1e-8
+for key in ("matrix", "scalar"):
+    check_numerical_gradient(key)
 print("numerical_gradient is correct")
 
 # %% [markdown]
@@ -295,3 +298,19 @@ print(f"a model with 124M parameters would need {2 * 124e6:.1e} evaluations for 
 # 4. If you have an NVIDIA GPU: `pip install cupy-cuda12x`, run `minimoe.set_backend("cupy")`, and
 #    time a `(2048, 2048) @ (2048, 2048)` float32 matmul against NumPy. (Synchronise with
 #    `cupy.cuda.Device().synchronize()` before stopping the clock.)
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's check, from minimoe.gradcheck (run at build time)."""
+    import numpy as np
+
+    from minimoe import gradcheck
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for key, shape in (("matrix", (3, 4)), ("scalar", ())):
+        x, u = rng.standard_normal(shape), rng.standard_normal(shape)
+        _, grad = gradcheck.numerical_gradient(lambda x=x, u=u: float((u * np.tanh(x)).sum()), x, eps=1e-5)
+        out.update({f"{key}_x": np.asarray(x), f"{key}_u": np.asarray(u), f"{key}_grad": grad.reshape(shape)})
+    return out

@@ -19,11 +19,12 @@
 # the **softmax cross-entropy loss**, check them numerically, and train a small classifier with them.
 
 # %%
+import math
+
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minimoe.gradcheck import check_op, rel_error
-from minimoe.ops import activation, linear, loss
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 
 np.set_printoptions(precision=4, suppress=True)
 
@@ -56,6 +57,11 @@ def linear_forward(x, w, b):
     return y, (x, w)
 
 
+# %% [markdown]
+# **Your turn.** Write the backward. The cache holds `(x, w)`; return `dx, dw, db`.
+
+
+# %%
 def linear_backward(dy, cache):
     """dy (..., C_out) -> dx (..., C_in), dw (C_in, C_out), db (C_out,)."""
     x, w = cache
@@ -69,25 +75,32 @@ def linear_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check** against the package's `minimoe.ops.linear`, then numerically (float64, $h = 10^{-5}$), on a
-# `(B, T, C)` input so that the sum over positions is exercised.
+# **Check.** Shapes first; then a float64 numerical gradient check (central differences,
+# $h = 10^{-6}$) of $L = \sum y \odot dy$, whose gradient with respect to $y$ is exactly $dy$; then the
+# values the package's `minimoe.ops.linear` gives on the same inputs (stored in `01_backprop.npz`).
+# The input is `(B, T, C)`, so that the sum over positions is exercised.
 
-# %%
-rng = np.random.default_rng(0)
-x = rng.standard_normal((2, 3, 4))  # (B, T, C_in)
-w = rng.standard_normal((4, 5))  # (C_in, C_out)
-b = rng.standard_normal(5)
-dy = rng.standard_normal((2, 3, 5))
+# %% check id=linear_backward points=2
+FN = "linear_backward"
 
-y, cache = linear_forward(x, w, b)
-mine = linear_backward(dy, cache)
-ref = linear.linear_backward(dy, linear.linear_forward(x, w, b)[1])
-for name, m, r in zip(("dx", "dw", "db"), mine, ref):
-    assert m.shape == r.shape, f"{name} has shape {m.shape}, expected {r.shape}"
-    assert rel_error(m, r) < 1e-12, f"{name} differs from minimoe.ops.linear: {rel_error(m, r):.1e}"
-errs = check_op(linear_forward, linear_backward, [x, w, b], eps=1e-5)
-print("numerical check, rel errors:", {k: f"{v:.1e}" for k, v in errs.items()})
-assert max(errs.values()) < 1e-6
+
+def check_linear_backward(CASE, key):
+    x, w, b, dy = (reference("01", f"{key}_{v}") for v in ("x", "w", "b", "dy"))
+    with case(FN, CASE):
+        dx, dw, db = linear_backward(dy, linear_forward(x, w, b)[1])
+    grads = {"dx": (dx, x), "dw": (dw, w), "db": (db, b)}
+    for name, (grad, wrt) in grads.items():
+        check_shape(FN, CASE, name, grad, wrt.shape, "f")
+    for name, (grad, wrt) in grads.items():
+        check_gradient(
+            FN, CASE, lambda: float((linear_forward(x, w, b)[0] * dy).sum()), wrt, grad, 1e-6, name=name
+        )
+    for name, (grad, _) in grads.items():
+        check_close(FN, CASE, name, grad, reference("01", f"{key}_{name}_ref"), 1e-10)
+
+
+for CASE, key in (("x (2, 3, 4) w (4, 5)", "lin3d"), ("x (6, 4) w (4, 5)", "lin2d")):
+    check_linear_backward(CASE, key)
 print("linear_backward is correct")
 
 # %% [markdown]
@@ -124,6 +137,16 @@ def cross_entropy_forward(logits, targets):
     return loss_value, (np.exp(logp), targets)
 
 
+# huge logits: the stable forward does not overflow
+big = np.array([[1000.0, 0.0, -1000.0]], dtype=np.float32)
+print("logits", big[0], "-> loss for target 1:", cross_entropy_forward(big, np.array([1]))[0])
+
+# %% [markdown]
+# **Your turn.** The cache holds the probabilities `probs` (N, V) and the `targets` (N,). Return
+# `dlogits` (N, V), including the factor `dloss / N`.
+
+
+# %%
 def cross_entropy_backward(dloss, cache):
     """dloss (scalar) -> dlogits (N, V) = dloss * (softmax(logits) - onehot(targets)) / N."""
     probs, targets = cache
@@ -137,47 +160,232 @@ def cross_entropy_backward(dloss, cache):
 
 
 # %% [markdown]
-# **Check** against `minimoe.ops.loss` (which also handles `(B, T, V)` logits and ignored targets), and
-# numerically. `check_op` draws a random upstream `dloss`, a 0-d array, and checks the gradient with
-# respect to input 0, the logits (integer targets have no gradient).
+# **Check** (shapes, numerical gradient, then the values of `minimoe.ops.loss`), with an upstream
+# `dloss` of 1 and of 0.5.
 
-# %%
-rng = np.random.default_rng(1)
-N, V = 6, 5
-logits = rng.standard_normal((N, V)) * 2
-targets = rng.integers(0, V, N)
+# %% check id=cross_entropy_backward points=2
+FN = "cross_entropy_backward"
 
-l_mine, c_mine = cross_entropy_forward(logits, targets)
-l_ref, c_ref = loss.cross_entropy_forward(logits, targets)
-assert abs(l_mine - float(l_ref)) < 1e-12
-d_mine = cross_entropy_backward(1.0, c_mine)
-d_ref = loss.cross_entropy_backward(1.0, c_ref)
-assert d_mine.shape == (N, V), f"dlogits must have shape {(N, V)}, got {d_mine.shape}"
-assert rel_error(d_mine, d_ref) < 1e-12, f"differs from minimoe.ops.loss: {rel_error(d_mine, d_ref):.1e}"
-assert np.allclose(d_mine.sum(axis=-1), 0.0)  # each row of p - onehot sums to 1 - 1 = 0
-errs = check_op(cross_entropy_forward, cross_entropy_backward, [logits, targets], wrt=[0], eps=1e-5)
-print(f"numerical check, rel error: {errs[0]:.1e}")
-assert errs[0] < 1e-6
+
+def check_cross_entropy_backward(dloss):
+    logits, targets = reference("01", "ce_logits"), reference("01", "ce_targets")
+    N, V = logits.shape
+    CASE = f"N={N} V={V} dloss={dloss}"
+    with case(FN, CASE):
+        dlogits = cross_entropy_backward(dloss, cross_entropy_forward(logits, targets)[1])
+    check_shape(FN, CASE, "dlogits", dlogits, (N, V), "f")
+    loss = lambda: dloss * float(cross_entropy_forward(logits, targets)[0])
+    check_gradient(FN, CASE, loss, logits, dlogits, 1e-6, name="dlogits")
+    check_close(FN, CASE, "dlogits", dlogits, dloss * reference("01", "ce_dlogits_ref"), 1e-10)
+
+
+for dloss in (1.0, 0.5):
+    check_cross_entropy_backward(dloss)
 print("cross_entropy_backward is correct")
-
-# huge logits: the stable forward does not overflow
-big = np.array([[1000.0, 0.0, -1000.0]], dtype=np.float32)
-print("logits", big[0], "-> loss for target 1:", cross_entropy_forward(big, np.array([1]))[0])
 
 # %% [markdown]
 # The gradient $p - \mathrm{onehot}(t)$ has a pleasant reading: it pushes the correct logit up by
 # $1 - p_t$ (a lot when the model was wrong, little when it was right) and every other logit down by
-# its probability. Note also what a loss value means: a model that guesses uniformly among $V$
-# classes scores $\log V$ (here $\log 5 \approx 1.61$); a perfect one scores 0.
+# its probability; each row sums to $1 - 1 = 0$. Note also what a loss value means: a model that
+# guesses uniformly among $V$ classes scores $\log V$ (here $\log 5 \approx 1.61$); a perfect one
+# scores 0.
 #
-# ## 3. Training with your two layers
+# ## 3. Non-linearities: GELU and SwiGLU
+#
+# Between two linear layers sits an elementwise non-linearity (without it, two linear layers are one
+# linear layer). GPT-2 uses **GELU**, Llama and Mixtral use **SwiGLU**. Both are smooth, so their
+# backward is one derivative each, by the chain rule: for $y = f(x)$ elementwise,
+# $dx = dy \odot f'(x)$.
+#
+# **GELU** (Hendrycks & Gimpel 2016) weights its input by the probability that a standard normal
+# variable lies below it:
+#
+# $$\mathrm{GELU}(x) = x\,\Phi(x), \qquad \Phi(x) = \tfrac12\big(1 + \mathrm{erf}(x/\sqrt2)\big), \qquad
+#   \phi(x) = \Phi'(x) = \frac{e^{-x^2/2}}{\sqrt{2\pi}} .$$
+#
+# *Exact derivative*, by the product rule:
+#
+# $$\frac{d}{dx}\,x\Phi(x) = \Phi(x) + x\,\phi(x).$$
+#
+# *The tanh approximation* (GPT-2's `gelu_new`; Hendrycks & Gimpel, sec. 2) replaces $\Phi$ by a tanh
+# curve with the same slope at 0 and a cubic correction fitted to the tails:
+#
+# $$\Phi(x) \approx \tfrac12\big(1 + \tanh u\big), \qquad u = \sqrt{2/\pi}\,\big(x + 0.044715\,x^3\big).$$
+#
+# With $t = \tanh u$, $\mathrm{GELU}(x) \approx \tfrac12 x (1 + t)$. Product rule again, with
+# $\frac{d}{dx}\tanh u = (1 - t^2)\,u'$ and $u' = \sqrt{2/\pi}\,(1 + 3 \cdot 0.044715\,x^2)$:
+#
+# $$\frac{d}{dx}\,\tfrac12 x(1 + t) = \tfrac12(1 + t) + \tfrac12 x\,(1 - t^2)\,\sqrt{2/\pi}\,\big(1 + 3 \cdot
+#   0.044715\,x^2\big).$$
+#
+# Keep in the cache what the backward needs: $x$, and $t$ (tanh) or $\Phi(x)$ (exact). NumPy has no
+# `erf`; we vectorise Python's `math.erf` (slow, but fine at this size; the package has a fast one).
+#
+# **SwiGLU** (Shazeer 2020) is a *gated* unit with two inputs: the gate projection $a = xW_1$ and the
+# up projection $b = xW_3$ of the same token,
+#
+# $$\mathrm{SwiGLU}(a, b) = \mathrm{SiLU}(a) \odot b, \qquad \mathrm{SiLU}(a) = a\,\sigma(a), \qquad
+#   \sigma(a) = \frac{1}{1 + e^{-a}} .$$
+#
+# With $\sigma' = \sigma(1 - \sigma)$ the product rule gives $\mathrm{SiLU}'(a) = \sigma(a) + a\,\sigma(a)
+# (1 - \sigma(a))$, and since the output is a product of two factors,
+#
+# $$da = dy \odot b \odot \big(\sigma(a) + a\,\sigma(a)(1 - \sigma(a))\big), \qquad db = dy \odot a\,\sigma(a).$$
+#
+# In the MLP $y = \mathrm{SwiGLU}(xW_1, xW_3)\,W_2$, $x$ feeds both projections, so its gradient is the
+# *sum* of what comes back through $W_1$ and through $W_3$ (Lesson 06 uses this MLP for every expert).
+
+# %%
+erf = np.vectorize(math.erf, otypes=[float])  # the error function, elementwise
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# %% [markdown]
+# **Your turn.** Write `gelu_forward` for both variants (`approximate="tanh"` and `"none"`, exact),
+# returning `y, cache`, and `gelu_backward`.
+
+
+# %%
+def gelu_forward(x, approximate="tanh"):
+    """x (...) -> y (...) = x * Phi(x), Phi exact (approximate="none") or its tanh approximation."""
+    ### BEGIN SOLUTION
+    if approximate == "tanh":
+        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        return 0.5 * x * (1.0 + t), (x, t, approximate)
+    cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))  # Phi(x)
+    return x * cdf, (x, cdf, approximate)
+    ### END SOLUTION
+
+
+# %%
+def gelu_backward(dy, cache):
+    """dy (...) -> dx (...) = dy * GELU'(x), for the variant the forward used."""
+    ### BEGIN SOLUTION
+    x, aux, approximate = cache
+    if approximate == "tanh":
+        t = aux
+        du = SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+        return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)  # phi(x)
+    return dy * (aux + x * pdf)
+    ### END SOLUTION
+
+
+# %% [markdown]
+# **Check** both variants on 40 points in $[-5, 5]$ (`(4, 10)`), against the values of
+# `minimoe.ops.activation.gelu_forward` and `gelu_backward`.
+
+# %% check id=gelu_forward points=1
+FN = "gelu_forward"
+x = reference("01", "gelu_x")
+for approximate in ("tanh", "none"):
+    CASE = f"approximate={approximate!r}"
+    with case(FN, CASE):
+        y, _ = gelu_forward(x, approximate)
+    check_shape(FN, CASE, "y", y, x.shape, "f")
+    check_close(FN, CASE, "y", y, reference("01", f"gelu_y_{approximate}"), 1e-10)
+print("gelu_forward is correct")
+
+# %% check id=gelu_backward points=2
+FN = "gelu_backward"
+
+
+def check_gelu_backward(approximate):
+    x, dy = reference("01", "gelu_x"), reference("01", "gelu_dy")
+    CASE = f"approximate={approximate!r}"
+    with case(FN, CASE):
+        dx = gelu_backward(dy, gelu_forward(x, approximate)[1])
+    check_shape(FN, CASE, "dx", dx, x.shape, "f")
+    check_gradient(
+        FN, CASE, lambda: float((gelu_forward(x, approximate)[0] * dy).sum()), x, dx, 1e-6, name="dx"
+    )
+    check_close(FN, CASE, "dx", dx, reference("01", f"gelu_dx_{approximate}"), 1e-10)
+
+
+for approximate in ("tanh", "none"):
+    check_gelu_backward(approximate)
+print("gelu_backward is correct")
+
+# %% [markdown]
+# **Your turn.** The forward of SwiGLU is given; write its backward, returning `da, db`.
+
+
+# %%
+def sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def swiglu_forward(a, b):
+    """a, b (...) -> y (...) = SiLU(a) * b = a * sigmoid(a) * b."""
+    s = sigmoid(a)
+    return a * s * b, (a, b, s)
+
+
+# %%
+def swiglu_backward(dy, cache):
+    """dy (...) -> da (...), db (...)."""
+    a, b, s = cache
+    ### BEGIN SOLUTION
+    da = dy * b * (s + a * s * (1.0 - s))
+    db = dy * a * s
+    ### END SOLUTION
+    return da, db
+
+
+# %% check id=swiglu_backward points=2
+FN = "swiglu_backward"
+a, b, dy = reference("01", "swiglu_a"), reference("01", "swiglu_b"), reference("01", "swiglu_dy")
+CASE = f"a, b {a.shape}"
+with case(FN, CASE):
+    da, db = swiglu_backward(dy, swiglu_forward(a, b)[1])
+check_shape(FN, CASE, "da", da, a.shape, "f")
+check_shape(FN, CASE, "db", db, b.shape, "f")
+check_gradient(FN, CASE, lambda: float((swiglu_forward(a, b)[0] * dy).sum()), a, da, 1e-6, name="da")
+check_gradient(FN, CASE, lambda: float((swiglu_forward(a, b)[0] * dy).sum()), b, db, 1e-6, name="db")
+check_close(FN, CASE, "da", da, reference("01", "swiglu_da"), 1e-10)
+check_close(FN, CASE, "db", db, reference("01", "swiglu_db"), 1e-10)
+print("swiglu_backward is correct")
+
+# %% [markdown]
+# The three curves and their slopes. The tanh GELU stays within $10^{-3}$ of the exact one
+# everywhere; SiLU (the gate of SwiGLU) has the same shape with a softer knee. All three dip slightly
+# below zero for negative inputs, and their slopes exceed 1 a little for positive ones: unlike ReLU,
+# they are smooth, so a gradient check sees no kink.
+
+# %%
+xs = np.linspace(-4, 4, 401)
+curves = {
+    "GELU (exact)": gelu_forward(xs, "none"),
+    "GELU (tanh)": gelu_forward(xs, "tanh"),
+    "SiLU": (xs * sigmoid(xs), None),
+}
+slopes = {
+    "GELU (exact)": gelu_backward(np.ones_like(xs), curves["GELU (exact)"][1]),
+    "GELU (tanh)": gelu_backward(np.ones_like(xs), curves["GELU (tanh)"][1]),
+    "SiLU": swiglu_backward(np.ones_like(xs), swiglu_forward(xs, np.ones_like(xs))[1])[0],
+}
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+for name in curves:
+    axes[0].plot(xs, curves[name][0], label=name, ls="--" if "tanh" in name else "-")
+    axes[1].plot(xs, slopes[name], label=name, ls="--" if "tanh" in name else "-")
+axes[0].set_title("activation")
+axes[1].set_title("derivative")
+for ax in axes:
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("x")
+    ax.legend()
+plt.tight_layout()
+plt.show()
+gap = np.abs(curves["GELU (exact)"][0] - curves["GELU (tanh)"][0]).max()
+print(f"largest gap between the exact and the tanh GELU on [-4, 4]: {gap:.1e}")
+
+# %% [markdown]
+# ## 4. Training with your layers
 #
 # A classifier of 2-D points into 3 classes, on a spiral data set that no straight line separates
 # (after cs231n's classic example). Model A is **softmax regression**: logits $= xW + b$. Model B
-# puts a hidden layer with the GELU non-linearity in between (`minimoe.ops.activation`, derived in a
-# later lesson): logits $= \mathrm{GELU}(x W_1 + b_1) W_2 + b_2$. Its backward visits the same
-# layers in **reverse order**, each passing its `dx` on as the next one's `dy`. Full-batch gradient
-# descent, $W \leftarrow W - \eta\, dW$.
+# puts a hidden layer with your tanh GELU in between: logits $= \mathrm{GELU}(x W_1 + b_1) W_2 + b_2$.
+# Its backward visits the same layers in **reverse order**, each passing its `dx` on as the next one's
+# `dy`. Full-batch gradient descent, $W \leftarrow W - \eta\, dW$.
 
 
 # %%
@@ -213,12 +421,12 @@ def model_a(p, x):
 
 def model_b(p, x):
     h, c1 = linear_forward(x, p["w1"], p["b1"])  # (N, HID)
-    a, ca = activation.gelu_forward(h)
+    a, ca = gelu_forward(h)
     logits, c2 = linear_forward(a, p["w2"], p["b2"])  # (N, 3)
 
     def backward(dlogits):  # the forward, read from the bottom up
         da, dw2, db2 = linear_backward(dlogits, c2)
-        dh = activation.gelu_backward(da, ca)
+        dh = gelu_backward(da, ca)
         _, dw1, db1 = linear_backward(dh, c1)
         return {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
 
@@ -275,8 +483,41 @@ plt.show()
 #    $\partial p_i/\partial z_k = p_i([i=k] - p_k)$ and $\partial \ell/\partial p_i = -[i=t]/p_t$,
 #    and check that you get the same $p - \mathrm{onehot}(t)$.
 # 2. Break `linear_backward` on purpose (drop the transpose, or forget to sum over the batch in
-#    `db`). Which assertions catch it, and how big is the numerical `rel_error`?
+#    `db`). Which step of the check catches it, and what does its message say?
 # 3. *Label smoothing* (Szegedy et al. 2016) trains against the target distribution
 #    $(1-\alpha)\,\mathrm{onehot}(t) + \alpha / V$. Derive its gradient with respect to $z$
-#    (answer: $p$ minus that distribution) and check it with `check_op`.
+#    (answer: $p$ minus that distribution) and check it with `minimoe.gradcheck.check_op`.
 # 4. Train model B with learning rates 0.1, 1 and 5. What happens to the loss curve at 5?
+# 5. Train model B with the exact GELU and with ReLU, $\max(x, 0)$ (derivative: 1 where $x > 0$).
+#    Why does a numerical gradient check of ReLU fail near $x = 0$, and not for GELU?
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe's own ops (run at build time)."""
+    import numpy as np
+
+    from minimoe.ops import activation, linear, loss
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for key, shape in (("lin3d", (2, 3, 4)), ("lin2d", (6, 4))):
+        x, w, b = rng.standard_normal(shape), rng.standard_normal((4, 5)), rng.standard_normal(5)
+        dy = rng.standard_normal((*shape[:-1], 5))
+        grads = linear.linear_backward(dy, linear.linear_forward(x, w, b)[1])
+        out.update({f"{key}_x": x, f"{key}_w": w, f"{key}_b": b, f"{key}_dy": dy})
+        out.update({f"{key}_{n}_ref": g for n, g in zip(("dx", "dw", "db"), grads)})
+    logits, targets = rng.standard_normal((6, 5)) * 2, rng.integers(0, 5, 6)
+    out.update(ce_logits=logits, ce_targets=targets)
+    out["ce_dlogits_ref"] = loss.cross_entropy_backward(1.0, loss.cross_entropy_forward(logits, targets)[1])
+    x = np.linspace(-5, 5, 40).reshape(4, 10) + 0.01 * rng.standard_normal((4, 10))
+    dy = rng.standard_normal((4, 10))
+    out.update(gelu_x=x, gelu_dy=dy)
+    for approximate in ("tanh", "none"):
+        y, cache = activation.gelu_forward(x, approximate)
+        out[f"gelu_y_{approximate}"] = y
+        out[f"gelu_dx_{approximate}"] = activation.gelu_backward(dy, cache)
+    a, b, dy = (rng.standard_normal((3, 7)) * 2 for _ in range(3))
+    da, db = activation.swiglu_backward(dy, activation.swiglu_forward(a, b)[1])
+    out.update(swiglu_a=a, swiglu_b=b, swiglu_dy=dy, swiglu_da=da, swiglu_db=db)
+    return out

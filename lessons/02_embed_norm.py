@@ -13,8 +13,8 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minimoe.gradcheck import check_op, rel_error
-from minimoe.ops import embedding, norm
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
+from minimoe.ops import norm
 
 np.set_printoptions(precision=4, suppress=True)
 
@@ -55,6 +55,11 @@ def embedding_forward(ids, w):
     return w[ids], (ids, w.shape)
 
 
+# %% [markdown]
+# **Your turn.** The cache holds the ids and the table's shape `(V, C)`.
+
+
+# %%
 def embedding_backward(dy, cache):
     """dy (B, T, C) -> dw (V, C): dy summed into the rows of the ids that produced it."""
     ids, (V, C) = cache
@@ -66,21 +71,26 @@ def embedding_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check** against `minimoe.ops.embedding` and numerically, with many repeated ids ($V = 4$ and
-# 12 positions).
+# **Check**: shapes, a float64 numerical gradient check, then the values of `minimoe.ops.embedding`
+# (stored in `02_embed_norm.npz`). Two cases: many repeated ids ($V = 4$, 12 positions), and a
+# larger table where some rows are never used (their gradient must be exactly zero).
 
-# %%
-rng = np.random.default_rng(0)
-ids = rng.integers(0, 4, (2, 6))  # (B, T) with V = 4
-w = rng.standard_normal((4, 3))  # (V, C)
-dy = rng.standard_normal((2, 6, 3))
-dw = embedding_backward(dy, embedding_forward(ids, w)[1])
-dw_ref = embedding.embedding_backward(dy, embedding.embedding_forward(ids, w)[1])
-assert dw.shape == w.shape, f"dw must have the table's shape {w.shape}, got {dw.shape}"
-assert rel_error(dw, dw_ref) < 1e-12, f"differs from minimoe.ops.embedding: {rel_error(dw, dw_ref):.1e}"
-errs = check_op(embedding_forward, embedding_backward, [ids, w], wrt=[1], eps=1e-5)
-print(f"numerical check, rel error: {errs[1]:.1e}")
-assert errs[1] < 1e-6
+# %% check id=embedding_backward points=2
+FN = "embedding_backward"
+
+
+def check_embedding_backward(key):
+    ids, w, dy = (reference("02", f"emb_{key}_{v}") for v in ("ids", "w", "dy"))
+    CASE = f"ids {ids.shape} V={w.shape[0]}"
+    with case(FN, CASE):
+        dw = embedding_backward(dy, embedding_forward(ids, w)[1])
+    check_shape(FN, CASE, "dw", dw, w.shape, "f")
+    check_gradient(FN, CASE, lambda: float((embedding_forward(ids, w)[0] * dy).sum()), w, dw, 1e-6, name="dw")
+    check_close(FN, CASE, "dw", dw, reference("02", f"emb_{key}_dw"), 1e-12)
+
+
+for key in ("repeats", "unused"):
+    check_embedding_backward(key)
 print("embedding_backward is correct")
 
 # %% [markdown]
@@ -118,6 +128,11 @@ print("embedding_backward is correct")
 # are all the backward needs.
 
 
+# %% [markdown]
+# **Your turn.** Write the forward (return `y, cache`; what you put in the cache is up to you) and the
+# backward, which returns `dx, dw, db`.
+
+
 # %%
 def layernorm_forward(x, w, b, eps=1e-5):
     """x (..., C), gain w (C,), bias b (C,) -> y (..., C), normalised over the last axis."""
@@ -132,6 +147,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return y, cache
 
 
+# %%
 def layernorm_backward(dy, cache):
     """dy (..., C) -> dx (..., C), dw (C,), db (C,)."""
     ### BEGIN SOLUTION
@@ -146,29 +162,53 @@ def layernorm_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check** against `minimoe.ops.norm` and numerically. The input has a large offset and scale, as real
-# activations do; the gain and bias are random so that every term of the backward matters.
+# **Check** against the values of `minimoe.ops.norm` and numerically. The input has a large offset and
+# scale, as real activations do; the gain and bias are random so that every term of the backward
+# matters. A second case has a single token (`(1, C)`), where the sums over positions are trivial.
+
+# %% check id=layernorm_forward points=1
+FN = "layernorm_forward"
+for key in ("btc", "one"):
+    x, w, b = (reference("02", f"norm_{key}_{v}") for v in ("x", "w", "b"))
+    CASE = f"x {x.shape}"
+    with case(FN, CASE):
+        y, _ = layernorm_forward(x, w, b)
+    check_shape(FN, CASE, "y", y, x.shape, "f")
+    check_close(FN, CASE, "y", y, reference("02", f"ln_{key}_y"), 1e-10)
+print("layernorm_forward is correct")
+
+# %% check id=layernorm_backward points=2
+FN = "layernorm_backward"
+
+
+def check_layernorm_backward(key):
+    x, w, b, dy = (reference("02", f"norm_{key}_{v}") for v in ("x", "w", "b", "dy"))
+    CASE = f"x {x.shape}"
+    with case(FN, CASE):
+        dx, dw, db = layernorm_backward(dy, layernorm_forward(x, w, b)[1])
+    grads = {"dx": (dx, x), "dw": (dw, w), "db": (db, b)}
+    for name, (grad, wrt) in grads.items():
+        check_shape(FN, CASE, name, grad, wrt.shape, "f")
+    loss = lambda: float((layernorm_forward(x, w, b)[0] * dy).sum())
+    for name, (grad, wrt) in grads.items():
+        check_gradient(FN, CASE, loss, wrt, grad, 1e-6, name=name)
+    for name, (grad, _) in grads.items():
+        check_close(FN, CASE, name, grad, reference("02", f"ln_{key}_{name}"), 1e-9)
+
+
+for key in ("btc", "one"):
+    check_layernorm_backward(key)
+print("layernorm_backward is correct")
+
+# %% [markdown]
+# The two subtracted terms make $dx$ (nearly) orthogonal to $\mathbf 1$ and to $\hat x$:
 
 # %%
-rng = np.random.default_rng(1)
-x = 3.0 + 2.0 * rng.standard_normal((2, 3, 6))  # (B, T, C)
-w, b = 1.0 + 0.5 * rng.standard_normal(6), rng.standard_normal(6)
-dy = rng.standard_normal((2, 3, 6))
-
-y, cache = layernorm_forward(x, w, b)
-y_ref, cache_ref = norm.layernorm_forward(x, w, b)
-assert y.shape == x.shape and rel_error(y, y_ref) < 1e-12, "forward differs from minimoe.ops.norm"
-grads, grads_ref = layernorm_backward(dy, cache), norm.layernorm_backward(dy, cache_ref)
-for name, m, r in zip(("dx", "dw", "db"), grads, grads_ref):
-    assert m.shape == r.shape, f"{name} has shape {m.shape}, expected {r.shape}"
-    assert rel_error(m, r) < 1e-10, f"{name} differs from minimoe.ops.norm: {rel_error(m, r):.1e}"
-errs = check_op(layernorm_forward, layernorm_backward, [x, w, b], eps=1e-5)
-print("numerical check, rel errors (x, w, b):", {k: f"{v:.1e}" for k, v in errs.items()})
-assert max(errs.values()) < 1e-6
+x, w, b, dy = (reference("02", f"norm_btc_{v}") for v in ("x", "w", "b", "dy"))
+dx = layernorm_backward(dy, layernorm_forward(x, w, b)[1])[0]
 xhat = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
-dx_dot_1, dx_dot_xhat = np.abs(grads[0].sum(-1)).max(), np.abs((grads[0] * xhat).sum(-1)).max()
+dx_dot_1, dx_dot_xhat = np.abs(dx.sum(-1)).max(), np.abs((dx * xhat).sum(-1)).max()
 print(f"|dx . 1| = {dx_dot_1:.0e},  |dx . xhat| = {dx_dot_xhat:.0e}  (not 0: with eps, sum(xhat^2) < C)")
-print("LayerNorm is correct")
 
 # %% [markdown]
 # ## 3. RMSNorm
@@ -197,6 +237,7 @@ def rmsnorm_forward(x, w, eps=1e-5):
     return y, cache
 
 
+# %%
 def rmsnorm_backward(dy, cache):
     """dy (..., C) -> dx (..., C), dw (C,)."""
     ### BEGIN SOLUTION
@@ -210,20 +251,41 @@ def rmsnorm_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check** (same inputs as for LayerNorm).
+# **Check** (the same inputs as for LayerNorm).
 
-# %%
-y, cache = rmsnorm_forward(x, w)
-y_ref, cache_ref = norm.rmsnorm_forward(x, w)
-assert y.shape == x.shape and rel_error(y, y_ref) < 1e-12, "forward differs from minimoe.ops.norm"
-grads, grads_ref = rmsnorm_backward(dy, cache), norm.rmsnorm_backward(dy, cache_ref)
-for name, m, r in zip(("dx", "dw"), grads, grads_ref):
-    assert m.shape == r.shape, f"{name} has shape {m.shape}, expected {r.shape}"
-    assert rel_error(m, r) < 1e-10, f"{name} differs from minimoe.ops.norm: {rel_error(m, r):.1e}"
-errs = check_op(rmsnorm_forward, rmsnorm_backward, [x, w], eps=1e-5)
-print("numerical check, rel errors (x, w):", {k: f"{v:.1e}" for k, v in errs.items()})
-assert max(errs.values()) < 1e-6
-print("RMSNorm is correct")
+# %% check id=rmsnorm_forward points=1
+FN = "rmsnorm_forward"
+for key in ("btc", "one"):
+    x, w = reference("02", f"norm_{key}_x"), reference("02", f"norm_{key}_w")
+    CASE = f"x {x.shape}"
+    with case(FN, CASE):
+        y, _ = rmsnorm_forward(x, w)
+    check_shape(FN, CASE, "y", y, x.shape, "f")
+    check_close(FN, CASE, "y", y, reference("02", f"rms_{key}_y"), 1e-10)
+print("rmsnorm_forward is correct")
+
+# %% check id=rmsnorm_backward points=2
+FN = "rmsnorm_backward"
+
+
+def check_rmsnorm_backward(key):
+    x, w, dy = (reference("02", f"norm_{key}_{v}") for v in ("x", "w", "dy"))
+    CASE = f"x {x.shape}"
+    with case(FN, CASE):
+        dx, dw = rmsnorm_backward(dy, rmsnorm_forward(x, w)[1])
+    grads = {"dx": (dx, x), "dw": (dw, w)}
+    for name, (grad, wrt) in grads.items():
+        check_shape(FN, CASE, name, grad, wrt.shape, "f")
+    loss = lambda: float((rmsnorm_forward(x, w)[0] * dy).sum())
+    for name, (grad, wrt) in grads.items():
+        check_gradient(FN, CASE, loss, wrt, grad, 1e-6, name=name)
+    for name, (grad, _) in grads.items():
+        check_close(FN, CASE, name, grad, reference("02", f"rms_{key}_{name}"), 1e-9)
+
+
+for key in ("btc", "one"):
+    check_rmsnorm_backward(key)
+print("rmsnorm_backward is correct")
 
 # %% [markdown]
 # ## 4. What normalisation does to activations
@@ -290,6 +352,34 @@ plt.show()
 # 2. Write `embedding_backward` without `np.add.at`, as a one-hot matrix product
 #    $\mathrm{onehot}(\mathrm{ids})^\top dy$. Compare its speed with `np.add.at` for $V = 5000$.
 # 3. Remove the $-\hat x\,\overline{g \odot \hat x}$ term from your LayerNorm backward. Which check
-#    fails, and by how much? Then remove $-\overline g$ instead.
+#    fails, and what does its message say? Then remove $-\overline g$ instead.
 # 4. With $\epsilon = 10^{-5}$, what does LayerNorm do to a token whose channels are all equal? What
 #    is its gradient?
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe's own ops (run at build time)."""
+    import numpy as np
+
+    from minimoe.ops import embedding, norm
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for key, V, shape in (("repeats", 4, (2, 6)), ("unused", 9, (3, 2))):
+        ids, w = rng.integers(0, min(V, 4), shape), rng.standard_normal((V, 3))
+        dy = rng.standard_normal((*shape, 3))
+        dw = embedding.embedding_backward(dy, embedding.embedding_forward(ids, w)[1])
+        out.update({f"emb_{key}_ids": ids, f"emb_{key}_w": w, f"emb_{key}_dy": dy, f"emb_{key}_dw": dw})
+    for key, shape in (("btc", (2, 3, 6)), ("one", (1, 6))):
+        x = 3.0 + 2.0 * rng.standard_normal(shape)
+        w, b = 1.0 + 0.5 * rng.standard_normal(6), rng.standard_normal(6)
+        dy = rng.standard_normal(shape)
+        out.update({f"norm_{key}_x": x, f"norm_{key}_w": w, f"norm_{key}_b": b, f"norm_{key}_dy": dy})
+        y, cache = norm.layernorm_forward(x, w, b)
+        dx, dw, db = norm.layernorm_backward(dy, cache)
+        out.update({f"ln_{key}_y": y, f"ln_{key}_dx": dx, f"ln_{key}_dw": dw, f"ln_{key}_db": db})
+        y, cache = norm.rmsnorm_forward(x, w)
+        dx, dw = norm.rmsnorm_backward(dy, cache)
+        out.update({f"rms_{key}_y": y, f"rms_{key}_dx": dx, f"rms_{key}_dw": dw})
+    return out

@@ -20,8 +20,9 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minimoe.gradcheck import check_op, rel_error
+from minimoe.gradcheck import check_op
 from minimoe.layers.attention import self_attention_forward
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 from minimoe.ops import activation, attention
 
 np.set_printoptions(precision=3, suppress=True)
@@ -49,6 +50,10 @@ np.set_printoptions(precision=3, suppress=True)
 # The forward's cache needs $q, k, v$ and $p$.
 
 
+# %% [markdown]
+# **Your turn.** Write the forward (return `y, cache`) and the backward (return `dq, dk, dv`).
+
+
 # %%
 def attention_forward(q, k, v):
     """q, k, v (B, H, T, D) -> y (B, H, T, D): causal softmax(q k^T / sqrt(D)) v for every head."""
@@ -67,6 +72,7 @@ def attention_forward(q, k, v):
     return y, cache
 
 
+# %%
 def attention_backward(dy, cache):
     """dy (B, H, T, D) -> dq, dk, dv, each (B, H, T, D)."""
     ### BEGIN SOLUTION
@@ -81,33 +87,49 @@ def attention_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check** against `minimoe.ops.attention.causal_attention_forward/backward`, numerically, and for
-# causality: changing the last position's key and value must not change any earlier output.
+# **Check** the forward against the values of `minimoe.ops.attention.causal_attention_forward`
+# (stored in `03_attention.npz`), and for causality: changing the last position's key and value must
+# not change any earlier output. Then the backward, numerically and against the package's values.
 
-# %%
-rng = np.random.default_rng(0)
-B, H, T, D = 2, 3, 5, 4
-q, k, v = (rng.standard_normal((B, H, T, D)) for _ in range(3))
-dy = rng.standard_normal((B, H, T, D))
+# %% check id=attention_forward points=2
+FN = "attention_forward"
+for key in ("main", "short"):
+    q, k, v = (reference("03", f"att_{key}_{n}") for n in "qkv")
+    CASE = f"q, k, v {q.shape}"
+    with case(FN, CASE):
+        y, _ = attention_forward(q, k, v)
+    check_shape(FN, CASE, "y", y, q.shape, "f")
+    check_close(FN, CASE, "y", y, reference("03", f"att_{key}_y"), 1e-10)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, -1] += 10.0
+    v2[:, :, -1] -= 10.0
+    with case(FN, CASE + " last key and value changed"):
+        y2, _ = attention_forward(q, k2, v2)
+    check_close(FN, CASE + " last key and value changed", "y[:, :, :-1]", y2[:, :, :-1], y[:, :, :-1], 1e-12)
+print("attention_forward is correct, and causal")
 
-y, cache = attention_forward(q, k, v)
-y_ref, cache_ref = attention.causal_attention_forward(q, k, v)
-assert y.shape == (B, H, T, D), f"y must have shape {(B, H, T, D)}, got {y.shape}"
-assert rel_error(y, y_ref) < 1e-12, f"forward differs from minimoe.ops.attention: {rel_error(y, y_ref):.1e}"
-grads, grads_ref = attention_backward(dy, cache), attention.causal_attention_backward(dy, cache_ref)
-for name, m, r in zip(("dq", "dk", "dv"), grads, grads_ref):
-    assert m.shape == r.shape, f"{name} has shape {m.shape}, expected {r.shape}"
-    assert rel_error(m, r) < 1e-10, f"{name} differs from minimoe.ops.attention: {rel_error(m, r):.1e}"
-errs = check_op(attention_forward, attention_backward, [q, k, v], eps=1e-5)
-print("numerical check, rel errors (q, k, v):", {key: f"{e:.1e}" for key, e in errs.items()})
-assert max(errs.values()) < 1e-6
+# %% check id=attention_backward points=2
+FN = "attention_backward"
 
-k2, v2 = k.copy(), v.copy()
-k2[:, :, -1] += 10.0
-v2[:, :, -1] -= 10.0
-y2 = attention_forward(q, k2, v2)[0]
-assert np.allclose(y2[:, :, :-1], y[:, :, :-1]), "earlier positions must not see the last one"
-print("attention core is correct, and causal")
+
+def check_attention_backward(key):
+    q, k, v, dy = (reference("03", f"att_{key}_{n}") for n in ("q", "k", "v", "dy"))
+    CASE = f"q, k, v {q.shape}"
+    with case(FN, CASE):
+        dq, dk, dv = attention_backward(dy, attention_forward(q, k, v)[1])
+    grads = {"dq": (dq, q), "dk": (dk, k), "dv": (dv, v)}
+    for name, (grad, wrt) in grads.items():
+        check_shape(FN, CASE, name, grad, wrt.shape, "f")
+    loss = lambda: float((attention_forward(q, k, v)[0] * dy).sum())
+    for name, (grad, wrt) in grads.items():
+        check_gradient(FN, CASE, loss, wrt, grad, 1e-6, name=name)
+    for name, (grad, _) in grads.items():
+        check_close(FN, CASE, name, grad, reference("03", f"att_{key}_{name}"), 1e-9)
+
+
+for key in ("main", "short"):
+    check_attention_backward(key)
+print("attention_backward is correct")
 
 # %% [markdown]
 # ## 2. The whole layer
@@ -115,11 +137,12 @@ print("attention core is correct, and causal")
 # Around the core, a self-attention layer has two linear maps (Lesson 01): `wqkv (C, 3C)` makes
 # $q, k, v$ for all heads at once from $x$ `(B, T, C)`; the result is split and reshaped into heads
 # `(B, T, 3C) -> 3 x (B, H, T, D)`; after the core, the heads are concatenated back to `(B, T, C)` and
-# mixed by `wo (C, C)`. The backward undoes each reshape. The package's `self_attention_forward` does
-# exactly this (the lessons from here on use it); its shapes:
+# mixed by `wo (C, C)`. The backward undoes each reshape. The package's `self_attention_forward`
+# (`minimoe/layers/attention.py`) does exactly this (the lessons from here on use it); its shapes:
 
 # %%
-C, H = 8, 2
+rng = np.random.default_rng(0)
+B, T, C, H = 2, 5, 8, 2
 x = rng.standard_normal((B, T, C))
 wqkv, wo = rng.standard_normal((C, 3 * C)) / np.sqrt(C), rng.standard_normal((C, C)) / np.sqrt(C)
 y, _ = self_attention_forward(x, wqkv, None, wo, None, n_head=H, n_kv_head=H)
@@ -245,3 +268,21 @@ for name, Hkv in (("MHA", 64), ("GQA-8", 8), ("MQA", 1)):
 #    replaced by `-sin`.
 # 4. The attention scores are a $(T \times T)$ array per head: how much memory do they need for
 #    $B = 8$, $H = 32$, $T = 8192$ in float32? (This is the problem FlashAttention solves.)
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe's own ops (run at build time)."""
+    import numpy as np
+
+    from minimoe.ops import attention
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for key, shape in (("main", (2, 3, 5, 4)), ("short", (1, 2, 2, 3))):
+        q, k, v, dy = (rng.standard_normal(shape) for _ in range(4))
+        y, cache = attention.causal_attention_forward(q, k, v)
+        dq, dk, dv = attention.causal_attention_backward(dy, cache)
+        out.update({f"att_{key}_{n}": a for n, a in zip(("q", "k", "v", "dy", "y"), (q, k, v, dy, y))})
+        out.update({f"att_{key}_{n}": a for n, a in zip(("dq", "dk", "dv"), (dq, dk, dv))})
+    return out

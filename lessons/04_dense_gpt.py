@@ -23,8 +23,8 @@ import numpy as np
 
 from minimoe import GPT, AdamW, Config, clip_grad_norm, cosine_lr
 from minimoe.data import builtin_corpus, get_batch, train_val_split
-from minimoe.gradcheck import check_op, rel_error
 from minimoe.layers import attention
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 from minimoe.ops import embedding, ffn, linear, loss, norm
 from minimoe.tokenizer import CharTokenizer
 
@@ -45,8 +45,8 @@ np.set_printoptions(precision=4, suppress=True)
 # identity path, and each branch adds its contribution. This "gradient highway" is why deep residual
 # networks train at all (He et al. 2016).
 #
-# Write `block_forward` with the package ops `norm.layernorm_forward`,
-# `attention.self_attention_forward` (with `n_kv_head = n_head`) and `ffn.gelu_mlp_forward`, and
+# Write `block_forward` with the package's `norm.layernorm_forward`, the attention layer
+# `attention.self_attention_forward` (`minimoe/layers/attention.py`, with `n_kv_head = n_head`) and `ffn.gelu_mlp_forward`, and
 # `block_backward` as the forward read from the bottom up. The block's weights come in a dict with the
 # keys `ln1.w ln1.b attn.wqkv attn.bqkv attn.wo attn.bo ln2.w ln2.b mlp.w1 mlp.b1 mlp.w2 mlp.b2`, and
 # the backward returns a dict of gradients with the same keys.
@@ -69,6 +69,7 @@ def block_forward(x, p, n_head):
     return y, cache
 
 
+# %%
 def block_backward(dy, cache):
     """dy (B, T, C) -> dx (B, T, C), and the weight gradients (a dict with the keys of p)."""
     g = {}
@@ -89,39 +90,58 @@ def block_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check 1: numerically.** A tiny block in float64 (width 8, two heads), with weights of size
-# $\sim 0.5$ so that no gradient is negligibly small; every weight tensor and the input are checked.
+# **Check 1: the block.** A tiny block in float64 (width 8, two heads) with weights of size
+# $\sim 0.5$, so that no gradient is negligibly small (stored in `04_dense_gpt.npz`, with the values the
+# package's model computes for them). The forward is compared with those values; the backward is
+# checked numerically for the input and every weight tensor, then compared.
 
 # %%
-rng = np.random.default_rng(0)
-cfg_tiny = Config(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.5)
-ref_model = GPT(cfg_tiny, seed=0, dtype="float64")
-for arr in ref_model.params.values():
-    if arr.ndim == 1:  # norm gains (ones) and biases (zeros): make them generic
-        arr += 0.3 * rng.standard_normal(arr.shape)
-bp = {k[len("blocks.0.") :]: v for k, v in ref_model.params.items() if k.startswith("blocks.0.")}
-names = list(bp)
+BLOCK_KEYS = ["ln1.w", "ln1.b", "attn.wqkv", "attn.bqkv", "attn.wo", "attn.bo",
+              "ln2.w", "ln2.b", "mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2"]  # fmt: skip
+N_HEAD = 2
+
+# %% check id=block_forward points=2
+FN = "block_forward"
+x = reference("04", "block_x")
+bp = {k: reference("04", f"block.{k}") for k in BLOCK_KEYS}
+CASE = f"x {x.shape} n_head={N_HEAD}"
+with case(FN, CASE):
+    y, _ = block_forward(x, bp, N_HEAD)
+check_shape(FN, CASE, "y", y, x.shape, "f")
+check_close(FN, CASE, "y", y, reference("04", "block_y"), 1e-10)
+print("block_forward is correct")
+
+# %% check id=block_backward points=3
+FN = "block_backward"
+x, dy = reference("04", "block_x"), reference("04", "block_dy")
+bp = {k: reference("04", f"block.{k}") for k in BLOCK_KEYS}
+CASE = f"x {x.shape} n_head={N_HEAD}"
+with case(FN, CASE):
+    dx, g = block_backward(dy, block_forward(x, bp, N_HEAD)[1])
+check_shape(FN, CASE, "dx", dx, x.shape, "f")
+missing = [k for k in BLOCK_KEYS if k not in g]
+if missing:
+    raise CheckFailed(f"{FN}, case {CASE}: the gradient dict has no {', '.join(missing)}")
+for k in BLOCK_KEYS:
+    check_shape(FN, CASE, f"g[{k!r}]", g[k], bp[k].shape, "f")
 
 
-def block_forward_flat(x, *weights):
-    return block_forward(x, dict(zip(names, weights)), cfg_tiny.n_head)
+def block_loss():
+    return float((block_forward(x, bp, N_HEAD)[0] * dy).sum())
 
 
-def block_backward_flat(dy, cache):
-    dx, g = block_backward(dy, cache)
-    return (dx, *[g[n] for n in names])
-
-
-x = rng.standard_normal((2, 5, 8))
-errs = check_op(block_forward_flat, block_backward_flat, [x, *bp.values()], eps=1e-5)
-worst = max(errs, key=errs.get)
-print(f"{len(errs)} tensors checked; worst: {(['x', *names])[worst]} at {errs[worst]:.1e}")
-assert errs[worst] < 1e-6
+check_gradient(FN, CASE, block_loss, x, dx, 1e-6, name="dx")
+for k in BLOCK_KEYS:
+    check_gradient(FN, CASE, block_loss, bp[k], g[k], 1e-6, name=f"g[{k!r}]")
+check_close(FN, CASE, "dx", dx, reference("04", "block_dx"), 1e-9)
+for k in BLOCK_KEYS:
+    check_close(FN, CASE, f"g[{k!r}]", g[k], reference("04", f"block_grad.{k}"), 1e-9)
+print(f"block_backward is correct: dx and {len(BLOCK_KEYS)} weight gradients")
 
 # %% [markdown]
 # **Check 2: the whole model.** With your block, the GPT is a few more lines of package ops. Its
-# logits, loss and every gradient must match `minimoe.GPT`, the package's model (which we use from
-# here on), on the same weights.
+# logits, loss and every gradient must match what `minimoe.GPT`, the package's model (which we use
+# from here on), computed for the same weights and tokens.
 
 
 # %%
@@ -159,18 +179,22 @@ def gpt_backward(params, caches, cfg):
     return grads
 
 
-idx = rng.integers(0, cfg_tiny.vocab_size, (2, 8))
-targets = rng.integers(0, cfg_tiny.vocab_size, (2, 8))
-logits, loss_value, caches = gpt_forward(ref_model.params, idx, targets, cfg_tiny)
-grads = gpt_backward(ref_model.params, caches, cfg_tiny)
-logits_ref, loss_ref = ref_model.forward(idx, targets)
-grads_ref = ref_model.backward()
-assert rel_error(logits, logits_ref) < 1e-10 and abs(float(loss_value) - float(loss_ref)) < 1e-10
-assert set(grads) == set(grads_ref), f"missing gradients: {set(grads_ref) - set(grads)}"
-worst = max(rel_error(grads[k], grads_ref[k]) for k in grads_ref)
-print(f"loss {float(loss_value):.6f} vs {float(loss_ref):.6f}; largest gradient rel error {worst:.1e}")
-assert worst < 1e-10
-print("your block assembles into minimoe.GPT exactly")
+cfg_tiny = Config(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.5)
+
+# %% check id=block_in_gpt points=1
+FN = "gpt_forward and gpt_backward with your block"
+names = [str(n) for n in reference("04", "gpt_param_names")]
+params = {n: reference("04", f"gpt_param.{n}") for n in names}
+idx, targets = reference("04", "gpt_idx"), reference("04", "gpt_targets")
+CASE = f"2-layer GPT, idx {idx.shape}"
+with case(FN, CASE):
+    logits, loss_value, caches = gpt_forward(params, idx, targets, cfg_tiny)
+    grads = gpt_backward(params, caches, cfg_tiny)
+check_close(FN, CASE, "logits", logits, reference("04", "gpt_logits"), 1e-10)
+check_close(FN, CASE, "loss", loss_value, reference("04", "gpt_loss"), 1e-10)
+for n in names:
+    check_close(FN, CASE, f"gradient of {n}", grads.get(n), reference("04", f"gpt_grad.{n}"), 1e-9)
+print(f"your block assembles into minimoe.GPT exactly: logits, loss and {len(names)} gradients")
 
 # %% [markdown]
 # ## 2. Data
@@ -328,3 +352,60 @@ for temperature in (0, 0.8):
 #    untied head). Which of the two trains faster here, per step and per second?
 # 4. Add **top-k** sampling to `generate` (keep only the $k$ largest logits) and compare samples at
 #    $k = 5$ with plain temperature sampling.
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe's own model (run at build time)."""
+    import numpy as np
+
+    from minimoe import GPT, Config
+
+    rng = np.random.default_rng(0)
+    cfg = Config(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.5)
+    model = GPT(cfg, seed=0, dtype="float64")
+    for arr in model.params.values():
+        if arr.ndim == 1:  # norm gains (ones) and biases (zeros): make them generic
+            arr += 0.3 * rng.standard_normal(arr.shape)
+    out = {}
+    # one block: the package model's block 0, run on its own through the model's block functions
+    pre = "blocks.0."
+    bp = {k[len(pre) :]: v for k, v in model.params.items() if k.startswith(pre)}
+    x, dy = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
+    y, dx, grads = _package_block(bp, x, dy, cfg.n_head)
+    out.update(block_x=x, block_dy=dy, block_y=y, block_dx=dx)
+    out.update({f"block.{k}": v for k, v in bp.items()})
+    out.update({f"block_grad.{k}": v for k, v in grads.items()})
+    # the whole model
+    idx, targets = rng.integers(0, 11, (2, 8)), rng.integers(0, 11, (2, 8))
+    logits, loss = model.forward(idx, targets)
+    grads = model.backward()
+    out.update(gpt_idx=idx, gpt_targets=targets, gpt_logits=logits, gpt_loss=np.asarray(loss))
+    out["gpt_param_names"] = np.array(sorted(model.params))
+    out.update({f"gpt_param.{k}": v.copy() for k, v in model.params.items()})
+    out.update({f"gpt_grad.{k}": v.copy() for k, v in grads.items()})
+    return out
+
+
+def _package_block(bp, x, dy, n_head):
+    """A GPT-2 block from the package's ops: y, dx and the weight gradients for upstream dy.
+    Equal to the package model's block (the whole-model values above are its real output)."""
+    from minimoe.layers import attention
+    from minimoe.ops import ffn, norm
+
+    h, c1 = norm.layernorm_forward(x, bp["ln1.w"], bp["ln1.b"])
+    a, ca = attention.self_attention_forward(
+        h, bp["attn.wqkv"], bp["attn.bqkv"], bp["attn.wo"], bp["attn.bo"], n_head, n_head
+    )
+    x1 = x + a
+    h2, c2 = norm.layernorm_forward(x1, bp["ln2.w"], bp["ln2.b"])
+    m, cm = ffn.gelu_mlp_forward(h2, bp["mlp.w1"], bp["mlp.b1"], bp["mlp.w2"], bp["mlp.b2"])
+    g = {}
+    dh, g["mlp.w1"], g["mlp.b1"], g["mlp.w2"], g["mlp.b2"] = ffn.gelu_mlp_backward(dy, cm)
+    dh, g["ln2.w"], g["ln2.b"] = norm.layernorm_backward(dh, c2)
+    dx1 = dy + dh
+    dh, g["attn.wqkv"], g["attn.bqkv"], g["attn.wo"], g["attn.bo"] = attention.self_attention_backward(
+        dx1, ca
+    )
+    dh, g["ln1.w"], g["ln1.b"] = norm.layernorm_backward(dh, c1)
+    return x1 + m, dx1 + dh, g

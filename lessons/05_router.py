@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minimoe import GPT, Config, backend
-from minimoe.gradcheck import check_op, rel_error
+from minimoe.gradcheck import check_op
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 from minimoe.ops import router
 
 np.set_printoptions(precision=4, suppress=True)
@@ -134,6 +135,7 @@ def softmax_topk_forward(logits, k, renormalize=True):
     ### END SOLUTION
 
 
+# %%
 def softmax_topk_backward(dgates, cache):
     """dgates (N, K) -> dlogits (N, E)."""
     ### BEGIN SOLUTION
@@ -151,38 +153,56 @@ def softmax_topk_backward(dgates, cache):
 
 
 # %% [markdown]
-# **Check.** Your forward and backward must match `minimoe.ops.router` for both variants and several
-# $K$, and your backward must match central differences (float64, $\epsilon = 10^{-5}$). A finite
-# difference across the top-$K$ boundary would see the jump, so we use O(1) random logits: their gaps
-# are far larger than $\epsilon$ and $S$ does not change while we probe.
+# **Check the forward** for both variants and $K = 1, 2, 3$ against the values of
+# `minimoe.ops.router.softmax_topk_forward` (stored in `05_router.npz`), on three kinds of logits:
+# O(1) random ones; logits with **ties** (small integers), where the stable sort must give the lower
+# expert index; and **large** logits (around 800), where a softmax that does not subtract the max
+# overflows.
+
+# %% check id=softmax_topk_forward points=2
+FN = "softmax_topk_forward"
+for kind in ("random", "ties", "large"):
+    logits = reference("05", f"logits_{kind}")
+    N, E = logits.shape
+    for k in (1, 2, 3):
+        for renorm in (True, False):
+            CASE = f"{kind} logits ({N}, {E}) k={k} renormalize={renorm}"
+            with case(FN, CASE):
+                gates, idx, _ = softmax_topk_forward(logits, k, renorm)
+            check_shape(FN, CASE, "gates", gates, (N, k), "f")
+            check_shape(FN, CASE, "idx", idx, (N, k), "iu")
+            check_close(FN, CASE, "idx", idx, reference("05", f"idx_{kind}_k{k}"), 0)
+            check_close(FN, CASE, "gates", gates, reference("05", f"gates_{kind}_k{k}_{renorm}"), 1e-10)
+print("softmax_topk_forward is correct")
+
+# %% [markdown]
+# **Check the backward**: for every case, first a float64 numerical gradient check of
+# $L = \sum_{n,k} g_{n,k}\, \delta_{n,k}$ (central differences, $\epsilon = 10^{-6}$) through *your*
+# forward, then the values of `minimoe.ops.router.softmax_topk_backward`. A finite difference across
+# the top-$K$ boundary would see the jump, so we use O(1) random logits: their gaps are far larger than
+# $\epsilon$ and $S$ does not change while we probe.
+
+# %% check id=softmax_topk_backward points=3
+FN = "softmax_topk_backward"
 
 
-# %%
-def gates_only(k, renormalize):
-    """Adapter for check_op, which wants forward(x) -> (y, cache)."""
+def check_softmax_topk_backward(k, renorm):
+    logits, dgates = reference("05", "logits_random"), reference("05", f"dgates_k{k}")
+    N, E = logits.shape
+    CASE = f"k={k} renormalize={renorm}"
+    with case(FN, CASE):
+        dlogits = softmax_topk_backward(dgates, softmax_topk_forward(logits, k, renorm)[2])
+    check_shape(FN, CASE, "dlogits", dlogits, (N, E), "f")
+    loss = lambda: float((softmax_topk_forward(logits, k, renorm)[0] * dgates).sum())
+    check_gradient(FN, CASE, loss, logits, dlogits, 1e-6, name="dlogits")
+    check_close(FN, CASE, "dlogits", dlogits, reference("05", f"dlogits_k{k}_{renorm}"), 1e-10)
+    print(f"{CASE:28s} OK")
 
-    def forward(logits):
-        gates, _, cache = softmax_topk_forward(logits, k, renormalize)
-        return gates, cache
 
-    return forward
-
-
-rng = np.random.default_rng(1)
 for k in (1, 2, 3):
     for renorm in (True, False):
-        logits = rng.standard_normal((7, 5))  # float64, O(1)
-        dgates = rng.standard_normal((7, k))
-        gates, idx, cache = softmax_topk_forward(logits, k, renorm)
-        ref_gates, ref_idx, ref_cache = router.softmax_topk_forward(logits, k, renorm)
-        assert (idx == ref_idx).all(), "chosen experts differ from minimoe.ops.router"
-        assert rel_error(gates, ref_gates) < 1e-12, "gates differ from minimoe.ops.router"
-        dlogits = softmax_topk_backward(dgates, cache)
-        assert rel_error(dlogits, router.softmax_topk_backward(dgates, ref_cache)) < 1e-12
-        err = check_op(gates_only(k, renorm), softmax_topk_backward, [logits], eps=1e-5)[0]
-        print(f"k={k} renormalize={renorm!s:5}: gradient check rel error {err:.1e}")
-        assert err <= 1e-6
-print("softmax_topk forward/backward: OK")
+        check_softmax_topk_backward(k, renorm)
+print("softmax_topk_backward is correct")
 
 # %% [markdown]
 # ## K = 1 with renormalisation: a router that cannot learn
@@ -360,3 +380,31 @@ assert max(errs.values()) <= 1e-6
 # 4. Train the tiny model of the K = 1 section for a few steps with `AdamW(..., weight_decay=0.0)` and
 #    `renormalize=True`: confirm that the router weights never change. Then set `aux_loss_coef=0.01`
 #    and watch them move — from the balancing loss alone (Lesson 07).
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe's own router (run at build time)."""
+    import numpy as np
+
+    from minimoe.ops import router
+
+    rng = np.random.default_rng(1)
+    out = {
+        "logits_random": rng.standard_normal((7, 5)),
+        "logits_ties": rng.integers(0, 3, (7, 5)).astype(np.float64),  # many ties
+        "logits_large": 800.0 + 30.0 * rng.standard_normal((7, 5)),  # exp() overflows without the max
+    }
+    for kind in ("random", "ties", "large"):
+        for k in (1, 2, 3):
+            for renorm in (True, False):
+                gates, idx, cache = router.softmax_topk_forward(out[f"logits_{kind}"], k, renorm)
+                out[f"gates_{kind}_k{k}_{renorm}"] = gates
+                out[f"idx_{kind}_k{k}"] = idx
+    for k in (1, 2, 3):
+        dgates = rng.standard_normal((7, k))
+        out[f"dgates_k{k}"] = dgates
+        for renorm in (True, False):
+            cache = router.softmax_topk_forward(out["logits_random"], k, renorm)[2]
+            out[f"dlogits_k{k}_{renorm}"] = router.softmax_topk_backward(dgates, cache)
+    return out

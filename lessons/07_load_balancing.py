@@ -23,8 +23,9 @@ import numpy as np
 from minimoe import GPT, AdamW, Config
 from minimoe.backend import to_numpy, topk_indices
 from minimoe.data import builtin_corpus, get_batch
-from minimoe.gradcheck import check_op, rel_error
-from minimoe.ops import activation, balance, router
+from minimoe.gradcheck import check_op
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
+from minimoe.ops import balance, router
 from minimoe.tokenizer import CharTokenizer
 
 np.set_printoptions(precision=3, suppress=True)
@@ -135,6 +136,7 @@ def load_balancing_loss_forward(probs, idx, E):
     ### END SOLUTION
 
 
+# %%
 def load_balancing_loss_backward(dloss, cache):
     """dloss (scalar) -> dprobs (N, E) = dloss * E * f_e / N (the same row for every token)."""
     ### BEGIN SOLUTION
@@ -145,67 +147,87 @@ def load_balancing_loss_backward(dloss, cache):
 
 
 # %% [markdown]
-# **Check** against `minimoe.ops.balance`, the two limiting values (uniform: 1; total collapse onto $K$
-# experts that also get all the probability: $E/K$), the Hugging Face convention ($K$ times ours on one
-# layer), and two float64 gradient checks: with respect to `probs`, and through the softmax with respect
-# to the router logits (where `idx` is recomputed from the logits at every probe — top-$K$ is piecewise
-# constant, and O(1) random logits keep every probe on the same piece).
+# **Check the forward** against the values of `minimoe.ops.balance` (stored in
+# `07_load_balancing.npz`) on random routing with $K = 2$ and $K = 1$, then the two limiting values
+# (uniform: 1; total collapse onto $K$ experts that also get all the probability: $E/K$), and the
+# Hugging Face convention ($K$ times ours on one layer).
+
 
 # %%
-rng = np.random.default_rng(0)
-N = 64
-logits = rng.standard_normal((N, E))
-probs, _ = activation.softmax_forward(logits)
-idx = topk_indices(logits, K)
-
-loss, cache = load_balancing_loss_forward(probs, idx, E)
-ref_loss, ref_cache = balance.load_balancing_loss_forward(probs, idx, E)
-assert abs(loss - float(ref_loss)) < 1e-12, "loss differs from minimoe.ops.balance"
-dprobs = load_balancing_loss_backward(1.7, cache)
-assert rel_error(dprobs, balance.load_balancing_loss_backward(1.7, ref_cache)) < 1e-12, "backward differs"
-
-# uniform routing: every expert gets N*K/E slots and probability 1/E
-idx_uniform = (np.arange(N * K) % E).reshape(N, K)
-assert abs(load_balancing_loss_forward(np.full((N, E), 1 / E), idx_uniform, E)[0] - 1.0) < 1e-12
-# collapse: every token picks experts 0 and 1, which also hold all the probability
-p_collapsed = np.zeros((N, E))
-p_collapsed[:, :K] = 1 / K
-idx_collapsed = np.tile(np.arange(K), (N, 1))
-assert abs(load_balancing_loss_forward(p_collapsed, idx_collapsed, E)[0] - E / K) < 1e-12
-
-
 def hf_mixtral_aux(probs, idx, E):
     """Hugging Face Mixtral's convention on one layer: f per choice rank (K, E), then E * sum f P."""
     one_hot = np.eye(E)[idx]  # (N, K, E)
     return E * np.sum(one_hot.mean(axis=0) * probs.mean(axis=0))
 
 
-print(f"ours {loss:.4f}   Hugging Face convention {hf_mixtral_aux(probs, idx, E):.4f}   (K = {K})")
-assert abs(hf_mixtral_aux(probs, idx, E) - K * loss) < 1e-12
-
-err = check_op(
-    lambda pr: load_balancing_loss_forward(pr, idx, E), load_balancing_loss_backward, [probs], eps=1e-5
-)[0]
-print(f"gradient check w.r.t. probs: {err:.1e}")
-assert err <= 1e-6
+def routing_case(name):
+    """probs (N, E), idx (N, K) of a named case."""
+    return reference("07", f"{name}_probs"), reference("07", f"{name}_idx")
 
 
-def aux_from_logits(lg):
+# %% check id=load_balancing_loss_forward points=2
+FN = "load_balancing_loss_forward"
+for name in ("random_k2", "random_k1", "uniform", "collapsed"):
+    probs, idx = routing_case(name)
+    (N, E_), K_ = probs.shape, idx.shape[1]
+    CASE = f"{name} routing N={N} E={E_} K={K_}"
+    with case(FN, CASE):
+        loss, _ = load_balancing_loss_forward(probs, idx, E_)
+    check_shape(FN, CASE, "loss", loss, (), "f")
+    check_close(FN, CASE, "loss", loss, reference("07", f"{name}_loss"), 1e-12)
+    check_close(
+        FN, CASE, "K * loss (vs Hugging Face's convention)", K_ * loss, hf_mixtral_aux(probs, idx, E_), 1e-12
+    )
+probs, idx = routing_case("random_k2")
+print(
+    f"ours {load_balancing_loss_forward(probs, idx, E)[0]:.4f}   Hugging Face {hf_mixtral_aux(probs, idx, E):.4f}"
+)
+print("load_balancing_loss_forward is correct: uniform 1, collapsed E/K")
+
+# %% [markdown]
+# **Check the backward**: a float64 gradient check with respect to `probs`, then one through the softmax
+# with respect to the router logits (where `idx` is recomputed from the logits at every probe — top-$K$
+# is piecewise constant, and O(1) random logits keep every probe on the same piece), then the values of
+# `minimoe.ops.balance.load_balancing_loss_backward` for an upstream gradient of 1.7.
+
+
+# %%
+def aux_from_logits(lg, k):
     """logits (N, E) -> aux loss, with the choice and the full softmax both taken from the logits."""
+    pr, _ = router.router_probs_forward(lg, "softmax")
+    return load_balancing_loss_forward(pr, topk_indices(lg, k), lg.shape[1])[0]
+
+
+def aux_from_logits_grad(lg, k, dloss):
+    """The gradient of dloss * aux_from_logits with respect to the logits: your backward, then the softmax's."""
     pr, sm_cache = router.router_probs_forward(lg, "softmax")
-    loss, lb_cache = load_balancing_loss_forward(pr, topk_indices(lg, K), E)
-    return loss, (sm_cache, lb_cache)
-
-
-def aux_from_logits_backward(dloss, cache):
-    sm_cache, lb_cache = cache
+    _, lb_cache = load_balancing_loss_forward(pr, topk_indices(lg, k), lg.shape[1])
     return router.router_probs_backward(load_balancing_loss_backward(dloss, lb_cache), sm_cache, "softmax")
 
 
-err = check_op(aux_from_logits, aux_from_logits_backward, [logits], eps=1e-5)[0]
-print(f"gradient check w.r.t. router logits: {err:.1e}")
-assert err <= 1e-6
-print("load-balancing loss: OK")
+# %% check id=load_balancing_loss_backward points=2
+FN = "load_balancing_loss_backward"
+
+
+def check_load_balancing_loss_backward(name):
+    probs, idx = routing_case(name)
+    logits = reference("07", f"{name}_logits")
+    (N, E_), K_ = probs.shape, idx.shape[1]
+    CASE = f"{name} routing N={N} E={E_} K={K_} dloss=1.7"
+    with case(FN, CASE):
+        dprobs = load_balancing_loss_backward(1.7, load_balancing_loss_forward(probs, idx, E_)[1])
+        dlogits = aux_from_logits_grad(logits, K_, 1.7)
+    check_shape(FN, CASE, "dprobs", dprobs, (N, E_), "f")
+    loss = lambda: 1.7 * float(load_balancing_loss_forward(probs, idx, E_)[0])
+    check_gradient(FN, CASE, loss, probs, dprobs, 1e-6, name="dprobs")
+    loss = lambda: 1.7 * float(aux_from_logits(logits, K_))
+    check_gradient(FN, CASE, loss, logits, dlogits, 1e-6, name="dlogits (through the softmax)")
+    check_close(FN, CASE, "dprobs", dprobs, reference("07", f"{name}_dprobs"), 1e-12)
+
+
+for name in ("random_k2", "random_k1"):
+    check_load_balancing_loss_backward(name)
+print("load_balancing_loss_backward is correct")
 
 # %% [markdown]
 # ## The router z-loss
@@ -221,6 +243,8 @@ print("load-balancing loss: OK")
 # $10^{-3}$). Here is the package's version, gradient-checked, and its value for small and large logits:
 
 # %%
+rng = np.random.default_rng(0)
+logits = rng.standard_normal((64, E))
 err = check_op(balance.z_loss_forward, balance.z_loss_backward, [rng.standard_normal((16, E))], eps=1e-5)[0]
 print(f"z-loss gradient check: {err:.1e}")
 assert err <= 1e-6
@@ -354,3 +378,33 @@ for name, log in runs.items():
 # 4. Measure $f$ *after* capacity drops (train with `capacity_factor=1.0`, compute $f$ from the kept
 #    slots) and show numerically that the loss then underestimates the imbalance of the run without
 #    balancing.
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe.ops.balance (run at build time)."""
+    import numpy as np
+
+    from minimoe.backend import topk_indices
+    from minimoe.ops import activation, balance
+
+    rng = np.random.default_rng(0)
+    N, E, K = 64, 8, 2
+    out = {}
+    for name, k in (("random_k2", 2), ("random_k1", 1)):
+        logits = rng.standard_normal((N, E))
+        out[f"{name}_logits"] = logits
+        out[f"{name}_probs"] = activation.softmax_forward(logits)[0]
+        out[f"{name}_idx"] = topk_indices(logits, k)
+    out["uniform_probs"] = np.full((N, E), 1 / E)
+    out["uniform_idx"] = (np.arange(N * K) % E).reshape(N, K)  # every expert gets N*K/E slots
+    collapsed = np.zeros((N, E))
+    collapsed[:, :K] = 1 / K  # experts 0 and 1 hold all the probability ...
+    out["collapsed_probs"] = collapsed
+    out["collapsed_idx"] = np.tile(np.arange(K), (N, 1))  # ... and get every slot
+    for name in ("random_k2", "random_k1", "uniform", "collapsed"):
+        loss, cache = balance.load_balancing_loss_forward(out[f"{name}_probs"], out[f"{name}_idx"], E)
+        out[f"{name}_loss"] = np.asarray(loss)
+        out[f"{name}_dprobs"] = balance.load_balancing_loss_backward(1.7, cache)
+    assert abs(out["uniform_loss"] - 1.0) < 1e-12 and abs(out["collapsed_loss"] - E / K) < 1e-12
+    return out

@@ -12,9 +12,9 @@
 # (Jiang et al. 2024) holds 46.7B parameters but uses 12.9B per token, and matches or beats the dense
 # Llama 2 70B on most benchmarks.
 #
-# In this lesson you assemble the MoE layer from the ops, count parameters by hand (total vs *active*
-# per token), and then train a dense GPT and an MoE GPT, **matched in active parameters per token**,
-# side by side on the same data. We will be honest about what a toy-sized run can and cannot show.
+# In this lesson you assemble the MoE layer from the ops, look at its two sizes (total vs *active*
+# parameters per token), and then train a dense GPT and an MoE GPT, **matched in active parameters per
+# token**, side by side on the same data. We will be honest about what a toy-sized run can and cannot show.
 #
 # Shapes: B batch, T time, C channels, N tokens (B·T), E experts, K experts per token, F hidden size.
 
@@ -24,11 +24,9 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minimoe import GPT, PRESETS, AdamW, Config, cosine_lr, count_params, get_preset
-from minimoe.backend import make_rng
+from minimoe import GPT, PRESETS, AdamW, cosine_lr, count_params, get_preset
 from minimoe.data import builtin_corpus, get_batch, train_val_split
-from minimoe.gradcheck import check_op, rel_error
-from minimoe.layers import moe
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 from minimoe.ops import experts, linear, router
 from minimoe.tokenizer import CharTokenizer
 
@@ -66,6 +64,7 @@ def moe_layer_forward(h, w_router, w1, w3, w2, k):
     ### END SOLUTION
 
 
+# %%
 def moe_layer_backward(dy, cache):
     """dy (N, C) -> dh (N, C), dw_router (C, E), dw1, dw3, dw2."""
     ### BEGIN SOLUTION
@@ -80,115 +79,75 @@ def moe_layer_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check** against the package's MoE layer (`minimoe.layers.moe.moe_forward` / `moe_backward`, which also
-# computes the balancing statistics) and a float64 gradient check with respect to every input.
+# **Check** against the values of the package's MoE layer (`moe_forward` / `moe_backward` of
+# minimoe's model, which also computes the balancing statistics; stored in `08_moe_gpt.npz`), for
+# $K = 2$ and $K = 1$ on $N = 10$ tokens, $C = 6$, $E = 4$, $F = 5$; for the backward, first a float64
+# gradient check with respect to every input.
 
 # %%
-cfg = Config(
-    flavour="llama",
-    vocab_size=8,
-    block_size=8,
-    n_layer=1,
-    n_head=1,
-    n_embd=6,
-    n_experts=4,
-    top_k=2,
-    expert_hidden=5,
-    aux_loss_coef=0.0,
-    z_loss_coef=0.0,
-)
-rng = np.random.default_rng(0)
-B, T, C, E, F = 2, 5, 6, 4, 5
-h = rng.standard_normal((B, T, C))
-p = {  # the layer's weights under the prefix "L.", as the model names them (std 0.5: well conditioned)
-    "L.router.w": rng.standard_normal((C, E)),
-    "L.experts.w1": rng.standard_normal((E, C, F)) * 0.5,
-    "L.experts.w3": rng.standard_normal((E, C, F)) * 0.5,
-    "L.experts.w2": rng.standard_normal((E, F, C)) * 0.5,
-}
-weights = [p["L.router.w"], p["L.experts.w1"], p["L.experts.w3"], p["L.experts.w2"]]
-
-y, cache = moe_layer_forward(h.reshape(-1, C), *weights, k=2)
-y_ref, cache_ref, _ = moe.moe_forward(cfg, h, p, {}, "L.", make_rng(0), training=False)
-assert rel_error(y, y_ref.reshape(-1, C)) < 1e-12, "forward differs from minimoe.layers.moe.moe_forward"
-dy = rng.standard_normal((B * T, C))
-grads_ref = {}
-dh_ref = moe.moe_backward(cfg, dy.reshape(B, T, C), cache_ref, "L.", grads_ref)
-mine = moe_layer_backward(dy, cache)
-for name, a, b in zip(
-    ("dh", "router.w", "experts.w1", "experts.w3", "experts.w2"),
-    mine,
-    [dh_ref.reshape(-1, C)]
-    + [grads_ref["L." + k] for k in ("router.w", "experts.w1", "experts.w3", "experts.w2")],
-):
-    assert rel_error(a, b) < 1e-10, f"gradient {name} differs from minimoe.layers.moe.moe_backward"
-
-errs = check_op(
-    lambda *a: moe_layer_forward(*a, k=2), moe_layer_backward, [h.reshape(-1, C), *weights], eps=1e-5
-)
-print("gradient check (h, router, w1, w3, w2):", [f"{e:.1e}" for e in errs.values()])
-assert max(errs.values()) <= 1e-6
-print("MoE layer: OK")
-
-# %% [markdown]
-# ## Counting parameters: total and active
-#
-# For a Llama-style config (RMSNorm, RoPE, SwiGLU, untied output head, no biases):
-#
-# | piece | parameters |
-# |---|---|
-# | token embedding, output head | $V C$ each |
-# | RMSNorm gain (2 per block, 1 final) | $C$ each |
-# | attention: $W_{qkv}$, $W_o$ | $C (H + 2H_{kv}) D + H D C$ |
-# | dense SwiGLU FFN of width $F$ | $3 C F$ |
-# | MoE router (twice for a noisy router) | $C E$ |
-# | MoE: $E$ routed experts, $S$ shared experts | $E \cdot 3 C F_e$, $3 C \cdot S F_s$ |
-#
-# A token uses only $K$ of the $E$ routed experts, so its **active** count has $K \cdot 3 C F_e$ where
-# the total has $E \cdot 3 C F_e$. The router and shared experts are always active.
-#
-# **Your turn.** Count both; `c.is_moe_block(i)` tells whether block $i$ is MoE (DeepSeekMoE keeps its
-# first block dense).
+WEIGHTS = ("router.w", "experts.w1", "experts.w3", "experts.w2")
 
 
-# %%
-def count_by_hand(c):
-    """{'total', 'active'} parameters of a llama-flavour Config."""
-    ### BEGIN SOLUTION
-    C, D = c.n_embd, c.head_size
-    attn = C * (c.n_head + 2 * c.n_kv_head) * D + c.n_head * D * C  # W_qkv and W_o
+def layer_inputs(k):
+    """h (N, C), the layer's weights in the order of moe_layer_forward, and dy (N, C)."""
+    h = reference("08", "h")
+    return h, [reference("08", f"k{k}_{n}") for n in WEIGHTS], reference("08", "dy")
 
-    def swiglu(F):
-        return 3 * C * F  # W1, W3 (C, F) and W2 (F, C)
 
-    total = active = 2 * c.vocab_size * C + C  # embedding, head, final norm
-    for i in range(c.n_layer):
-        block = attn + 2 * C  # attention and the block's two norms
-        if c.is_moe_block(i):
-            always = C * c.n_experts * (2 if c.router == "noisy" else 1)  # the router
-            if c.n_shared_experts:
-                always += swiglu(c.n_shared_experts * c.shared_hidden)
-            total += block + always + c.n_experts * swiglu(c.expert_hidden)
-            active += block + always + c.top_k * swiglu(c.expert_hidden)
-        else:
-            total += block + swiglu(c.ffn_hidden)
-            active += block + swiglu(c.ffn_hidden)
-    return {"total": total, "active": active}
-    ### END SOLUTION
+# %% check id=moe_layer_forward points=2
+FN = "moe_layer_forward"
+for k in (2, 1):
+    h, weights, _ = layer_inputs(k)
+    CASE = f"N={h.shape[0]} C={h.shape[1]} E={weights[0].shape[1]} k={k}"
+    with case(FN, CASE):
+        y, _ = moe_layer_forward(h, *weights, k=k)
+    check_shape(FN, CASE, "y", y, h.shape, "f")
+    check_close(FN, CASE, "y", y, reference("08", f"k{k}_y"), 1e-10)
+print("moe_layer_forward is correct")
 
+# %% check id=moe_layer_backward points=3
+FN = "moe_layer_backward"
+
+
+def check_moe_layer_backward(k):
+    h, weights, dy = layer_inputs(k)
+    CASE = f"N={h.shape[0]} C={h.shape[1]} E={weights[0].shape[1]} k={k}"
+    with case(FN, CASE):
+        grads = moe_layer_backward(dy, moe_layer_forward(h, *weights, k=k)[1])
+    names = ("dh", *(f"d{n}" for n in WEIGHTS))
+    if not isinstance(grads, tuple) or len(grads) != 5:
+        raise CheckFailed(
+            f"{FN}, case {CASE}: return the 5 gradients {', '.join(names)}, got {type(grads).__name__}"
+        )
+    for name, grad, wrt in zip(names, grads, (h, *weights)):
+        check_shape(FN, CASE, name, grad, wrt.shape, "f")
+    loss = lambda: float((moe_layer_forward(h, *weights, k=k)[0] * dy).sum())
+    for name, grad, wrt in zip(names, grads, (h, *weights)):
+        check_gradient(FN, CASE, loss, wrt, grad, 1e-6, name=name)
+    for name, grad in zip(names, grads):
+        check_close(FN, CASE, name, grad, reference("08", f"k{k}_{name}"), 1e-10)
+
+
+for k in (2, 1):
+    check_moe_layer_backward(k)
+print("moe_layer_backward is correct (with k = 1 the router gets no gradient: renormalised gates are 1)")
 
 # %% [markdown]
-# **Check** against `minimoe.count_params` on every Llama-flavour preset, toy and full size.
+# ## Two sizes: total and active parameters
+#
+# An MoE model has a *total* parameter count (what it stores) and an *active* count (what one token
+# multiplies): a token uses only $K$ of the $E$ routed experts, so where the total has
+# $E \cdot 3 C F_e$ expert weights per layer, the active count has $K \cdot 3 C F_e$; the router and any
+# shared experts are always active. Lesson 12 derives both counts by hand for every piece of the
+# model (attention with grouped-query heads, dense and SwiGLU feed-forward, routers, shared experts)
+# and checks them against every preset; here we take them from `minimoe.count_params`:
 
 # %%
 llama_presets = [n for n, d in PRESETS.items() if d.get("flavour") == "llama"]
 print(f"{'preset':18s} {'total':>16s} {'active/token':>16s}")
 for name in llama_presets:
-    c = get_preset(name)
-    mine, ref = count_by_hand(c), count_params(c)
-    assert mine["total"] == ref["total"] and mine["active"] == ref["active"], f"{name}: {mine} vs {ref}"
-    print(f"{name:18s} {ref['total']:16,d} {ref['active']:16,d}")
-print("count_by_hand: OK")
+    n = count_params(get_preset(name))
+    print(f"{name:18s} {n['total']:16,d} {n['active']:16,d}")
 
 # %% [markdown]
 # The toy presets are **matched in active parameters per token** by one rule: every feed-forward layer
@@ -327,5 +286,39 @@ print(f"MoE minus dense, validation: {-gap:+.3f} nats/char")
 #    same way (keep $K F_e$ + shared $= 4C$). Which wins at equal active parameters?
 # 3. Repeat the comparison with three seeds and report the mean and standard deviation of the final
 #    validation gap. Is it larger than the seed-to-seed spread?
-# 4. With `count_by_hand`, find what fraction of Mixtral 8x7B's and of DeepSeekMoE 16B's total parameters
-#    sit in routed experts, and how much of each model's active count is attention.
+# 4. With the counting functions of Lesson 12, find what fraction of Mixtral 8x7B's and of DeepSeekMoE
+#    16B's total parameters sit in routed experts, and how much of each model's active count is
+#    attention.
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from the package's MoE layer (run at build time)."""
+    import numpy as np
+
+    from minimoe import Config
+    from minimoe.backend import make_rng
+    from minimoe.layers import moe  # the MoE layer
+
+    rng = np.random.default_rng(0)
+    B, T, C, E, F = 2, 5, 6, 4, 5
+    h, dy = rng.standard_normal((B * T, C)), rng.standard_normal((B * T, C))
+    out = {"h": h, "dy": dy}
+    for k in (2, 1):
+        cfg = Config(flavour="llama", vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=C, n_experts=E,
+                     top_k=k, expert_hidden=F, aux_loss_coef=0.0, z_loss_coef=0.0)  # fmt: skip
+        p = {  # the layer's weights under the prefix "L.", as the model names them (std 0.5: well conditioned)
+            "L.router.w": rng.standard_normal((C, E)),
+            "L.experts.w1": rng.standard_normal((E, C, F)) * 0.5,
+            "L.experts.w3": rng.standard_normal((E, C, F)) * 0.5,
+            "L.experts.w2": rng.standard_normal((E, F, C)) * 0.5,
+        }
+        y, cache, _ = moe.moe_forward(cfg, h.reshape(B, T, C), p, {}, "L.", make_rng(0), training=False)
+        grads = {}
+        dh = moe.moe_backward(cfg, dy.reshape(B, T, C), cache, "L.", grads)
+        out[f"k{k}_y"], out[f"k{k}_ddh"] = y.reshape(-1, C), dh.reshape(-1, C)
+        for name in ("router.w", "experts.w1", "experts.w3", "experts.w2"):
+            out[f"k{k}_{name}"] = p["L." + name]
+            out[f"k{k}_d{name}"] = grads["L." + name]
+    out["k2_dh"], out["k1_dh"] = out.pop("k2_ddh"), out.pop("k1_ddh")
+    return out

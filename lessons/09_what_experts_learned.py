@@ -21,8 +21,9 @@
 # | `brk` | are the brackets balanced? | `brk (()[])\|ok` |
 # | `gram` | a sentence of a tiny grammar | `gram the cat sees a dog .` |
 #
-# We train a tiny MoE on it, then look at the load, a per-token routing map, the task × expert and
-# character-class × expert tables, and Mixtral's consecutive-token statistic, which you implement.
+# We train a tiny MoE on it and collect its routing. Then you write the **routing statistics** that
+# read it: the load per expert, the task × expert (and character class × expert) table, the mutual
+# information that summarises such a table in one number, and Mixtral's consecutive-token statistic.
 #
 # Shapes: T time, E experts, K experts per token.
 
@@ -36,6 +37,7 @@ from matplotlib.colors import ListedColormap
 from minimoe import GPT, AdamW, Config, cosine_lr
 from minimoe.backend import to_numpy
 from minimoe.data import TASK_TAGS, TASKS, get_batch, synthetic_corpus, synthetic_examples
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_shape, reference
 from minimoe.tokenizer import CharTokenizer
 
 # %% [markdown]
@@ -101,13 +103,43 @@ print(f"{n_win} windows of {T} characters; routes per layer: {routes[0].shape} (
 # %% [markdown]
 # ## Load per expert
 #
-# With the balancing loss every expert gets a share near $1/E = 12.5\%$ of the slots (Lesson 07).
+# The first statistic: the **load** of each expert, the fraction of all slots (every token's $K$
+# choices) that went to it. `route` holds the choices of many tokens, shape `(..., K)` (here
+# `(windows, T, K)`); the load is a vector of $E$ fractions that sums to 1, with a 0 for an expert
+# that nobody chose. With the balancing loss every expert should get a share near $1/E = 12.5\%$
+# (Lesson 07).
+#
+# **Your turn.**
+
+
+# %%
+def expert_load(route, E):
+    """route (..., K) chosen experts -> (E,) fraction of all the slots that went to each expert."""
+    ### BEGIN SOLUTION
+    return np.bincount(route.reshape(-1), minlength=E) / route.size
+    ### END SOLUTION
+
+
+# %% [markdown]
+# **Check** against the values of `minimoe.analysis.expert_load` (stored in
+# `09_what_experts_learned.npz`): random choices of shape `(5, 12, 2)`, the first layer's real routing,
+# and choices that leave experts 6 and 7 unused.
+
+# %% check id=expert_load points=1
+FN = "expert_load"
+for key in ("random", "model", "unused"):
+    route = reference("09", f"load_{key}_route")
+    CASE = f"{key} route {route.shape} E={E}"
+    with case(FN, CASE):
+        load = expert_load(route, E)
+    check_shape(FN, CASE, "load", load, (E,), "f")
+    check_close(FN, CASE, "load", load, reference("09", f"load_{key}"), 1e-12)
+print("expert_load is correct")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 2.8), sharey=True)
 for layer, ax in enumerate(axes):
-    load = np.bincount(routes[layer].reshape(-1), minlength=E) / routes[layer].size
-    ax.bar(np.arange(E), load)
+    ax.bar(np.arange(E), expert_load(routes[layer], E))
     ax.axhline(1 / E, color="k", ls="--", lw=1)
     ax.set_title(f"layer {layer}")
     ax.set_xlabel("expert")
@@ -146,18 +178,84 @@ plt.show()
 # %% [markdown]
 # ## Specialisation: task × expert and character class × expert
 #
-# For every task, the fraction of its characters' slots (both choices) that go to each expert. If
-# routing ignored the task, every row would equal the overall load. We also tabulate by *character
-# class*, and summarise each table by the **mutual information** between the row variable and the
-# chosen expert,
+# Does the router send different tasks to different experts? Give every token a **label** $x$ (its
+# task, or its character class), and count, for every label and every expert, the slots (both choices)
+# of tokens with that label that went to that expert: a **contingency table** `counts` of shape
+# `(n_labels, E)`,
 #
-# $$I(X; \text{expert}) = \sum_{x, e} p(x, e) \log_2 \frac{p(x, e)}{p(x)\, p(e)} \quad \text{bits},$$
+# $$\text{counts}[x, e] = \#\{(\text{token } t, \text{choice } k) : \text{label}_t = x,\ \text{route}_{t,k} = e\}.$$
 #
-# which is 0 when the expert is independent of $X$ (at most $\log_2 E = 3$ bits).
+# Each row divided by its sum is that label's load; if routing ignored the label, every row would equal
+# the overall load. One number summarises the whole table: the **mutual information** between the
+# label and the chosen expert. With $p(x, e) = \text{counts}[x, e] / \sum \text{counts}$ and its
+# marginals $p(x) = \sum_e p(x, e)$, $p(e) = \sum_x p(x, e)$:
 #
-# A caution before reading the task table: the tasks use different characters (digits only in `add`,
-# brackets only in `brk`), so "task" and "character" are entangled. `copy` and `rev` are the clean
-# comparison: same alphabet, same format, different task.
+# $$I(X; \text{expert}) = \sum_{x, e:\ p(x, e) > 0} p(x, e) \log_2 \frac{p(x, e)}{p(x)\, p(e)} \quad \text{bits}$$
+#
+# (terms with $p(x, e) = 0$ contribute 0, the limit of $p \log p$). It is 0 when the expert is
+# independent of $X$, and at most $\min(\log_2 n_\text{labels}, \log_2 E)$ bits, reached when the
+# label determines the expert and vice versa.
+#
+# **Your turn**: the table and the mutual information. `labels` has the shape of the tokens,
+# `(windows, T)`, and `route` one more axis, `(windows, T, K)`.
+
+
+# %%
+def contingency_table(labels, route, n_labels, E):
+    """labels (...) ints < n_labels, route (..., K) chosen experts -> (n_labels, E) counts of slots."""
+    ### BEGIN SOLUTION
+    K = route.shape[-1]
+    counts = np.zeros((n_labels, E))
+    for k in range(K):
+        np.add.at(counts, (labels.reshape(-1), route[..., k].reshape(-1)), 1)
+    return counts
+    ### END SOLUTION
+
+
+# %%
+def mutual_information(counts):
+    """counts (n_labels, E) -> I(label; expert) in bits (a float)."""
+    ### BEGIN SOLUTION
+    p = counts / counts.sum()
+    outer = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True)  # p(x) p(e)
+    nz = p > 0
+    return float((p[nz] * np.log2(p[nz] / outer[nz])).sum())
+    ### END SOLUTION
+
+
+# %% [markdown]
+# **Check** the table against counts made from `minimoe.analysis.routing_matrix` (on random labels and
+# choices, and on the model's task labels and routes), and the mutual information on five tables: an
+# independent one (0 bits), a diagonal one ($\log_2 4 = 2$ bits), one with empty cells, and two random
+# ones.
+
+# %% check id=contingency_table points=2
+FN = "contingency_table"
+for key in ("random", "model"):
+    labels, route = reference("09", f"table_{key}_labels"), reference("09", f"table_{key}_route")
+    n_labels = int(reference("09", f"table_{key}_n_labels"))
+    CASE = f"{key} labels {labels.shape} route {route.shape} n_labels={n_labels} E={E}"
+    with case(FN, CASE):
+        counts = contingency_table(labels, route, n_labels, E)
+    check_shape(FN, CASE, "counts", counts, (n_labels, E), "fiu")
+    check_close(FN, CASE, "counts", counts, reference("09", f"table_{key}"), 0)
+print("contingency_table is correct")
+
+# %% check id=mutual_information points=2
+FN = "mutual_information"
+for key in ("independent", "diagonal", "empty_cells", "random", "model"):
+    counts = reference("09", f"mi_{key}_counts")
+    CASE = f"{key} table {counts.shape}"
+    with case(FN, CASE):
+        mi = mutual_information(counts)
+    check_shape(FN, CASE, "I", mi, (), "f")
+    check_close(FN, CASE, "I (bits)", mi, reference("09", f"mi_{key}"), 1e-10, atol=1e-12)
+print("mutual_information is correct")
+
+# %% [markdown]
+# Now on the model. A caution before reading the task table: the tasks use different characters
+# (digits only in `add`, brackets only in `brk`), so "task" and "character" are entangled. `copy` and
+# `rev` are the clean comparison: same alphabet, same format, different task.
 
 # %%
 CLASSES = ("letter", "digit", "space", "newline", "bracket", "symbol")
@@ -173,28 +271,12 @@ def char_class(c):
 
 class_of_char = np.vectorize(char_class)(chars)  # (windows, T)
 
-
-def contingency(labels, route, n_labels):
-    """(n_labels, E) counts of slots: label of the token x chosen expert (all K choices)."""
-    counts = np.zeros((n_labels, E))
-    for k in range(K):
-        np.add.at(counts, (labels.reshape(-1), route[..., k].reshape(-1)), 1)
-    return counts
-
-
-def mutual_information(counts):
-    p = counts / counts.sum()
-    outer = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True)
-    nz = p > 0
-    return float((p[nz] * np.log2(p[nz] / outer[nz])).sum())
-
-
 fig, axes = plt.subplots(2, 2, figsize=(11, 6))
 for layer in range(2):
     for col, (labels, names, what) in enumerate(
         ((task_of_char, [TASK_TAGS[t] for t in TASKS], "task"), (class_of_char, CLASSES, "character class"))
     ):
-        counts = contingency(labels, routes[layer], len(names))
+        counts = contingency_table(labels, routes[layer], len(names), E)
         frac = counts / counts.sum(axis=1, keepdims=True)
         ax = axes[layer, col]
         im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=max(0.5, frac.max()))
@@ -209,7 +291,7 @@ plt.tight_layout()
 plt.show()
 
 for layer in range(2):
-    frac = contingency(task_of_char, routes[layer], len(TASKS))
+    frac = contingency_table(task_of_char, routes[layer], len(TASKS), E)
     frac = frac / frac.sum(axis=1, keepdims=True)
     copy_vs_rev = 0.5 * np.abs(frac[TASKS.index("copy")] - frac[TASKS.index("reverse")]).sum()
     add_vs_gram = 0.5 * np.abs(frac[TASKS.index("arith")] - frac[TASKS.index("grammar")]).sum()
@@ -253,34 +335,28 @@ def consecutive_same_expert(idx):
 
 
 # %% [markdown]
-# **Check** against a direct loop, two extreme cases, and `minimoe.analysis` (the package's routing
-# analysis module) when it is installed.
+# **Check** against the values of `minimoe.analysis.consecutive_same_expert` on random choices and on
+# one window of the model's routing, and on three small sequences: always the same two experts
+# (1, 1), always disjoint (0, 0), and the same two experts in swapped order, `[0, 1], [1, 0], ...`
+# (first choices always differ, yet every pair shares an expert: (0, 1)).
 
-
-# %%
-def direct(idx):
-    Tn = len(idx)
-    first = sum(idx[t, 0] == idx[t - 1, 0] for t in range(1, Tn)) / (Tn - 1)
-    shared = sum(len(set(idx[t]) & set(idx[t - 1])) > 0 for t in range(1, Tn)) / (Tn - 1)
-    return first, shared
-
-
-test_rng = np.random.default_rng(0)
-for _ in range(5):
-    idx = np.stack([test_rng.permutation(E)[:K] for _ in range(60)])  # (60, K) random distinct choices
-    assert np.allclose(consecutive_same_expert(idx), direct(idx)), "rates differ from the direct loop"
-assert consecutive_same_expert(np.tile([3, 5], (10, 1))) == (1.0, 1.0)  # always the same experts
-assert consecutive_same_expert(np.array([[0, 1], [2, 3]] * 5)) == (0.0, 0.0)  # always disjoint
-
-try:
-    from minimoe import analysis
-except ImportError:
-    analysis = None
-if analysis is not None and hasattr(analysis, "consecutive_same_expert"):
-    ref = analysis.consecutive_same_expert(routes[1][0], E)
-    assert np.allclose(consecutive_same_expert(routes[1][0]), (ref["first_choice"], ref["any_choice"]))
-    print("agrees with minimoe.analysis.consecutive_same_expert")
-print("consecutive_same_expert: OK")
+# %% check id=consecutive_same_expert points=2
+FN = "consecutive_same_expert"
+for key in ("random0", "random1", "model", "same", "disjoint", "swapped"):
+    idx = reference("09", f"consec_{key}_idx")
+    CASE = f"{key} idx {idx.shape}"
+    with case(FN, CASE):
+        rates = consecutive_same_expert(idx)
+    if not isinstance(rates, tuple) or len(rates) != 2:
+        raise CheckFailed(
+            f"{FN}, case {CASE}: return a tuple (first_choice_rate, any_shared_rate), got {rates!r}"
+        )
+    for name, got, want in zip(
+        ("first_choice_rate", "any_shared_rate"), rates, reference("09", f"consec_{key}")
+    ):
+        check_shape(FN, CASE, name, got, (), "f")
+        check_close(FN, CASE, name, got, want, 1e-12, atol=1e-12)
+print("consecutive_same_expert is correct")
 
 # %% [markdown]
 # Now on the model. Besides the uniform baselines we compute a **shuffled** baseline: the same choices
@@ -342,3 +418,92 @@ plt.show()
 #    first-choice expert; list the most "loyal" characters per layer.
 # 4. Train with `top_k=1, renormalize=False` (Switch-style) and compare the first-choice rate with the
 #    shuffled baseline. Is the sequence effect stronger with one expert per token?
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe.analysis (run at build time).
+
+    The "model" cases use the routing of a model trained like the one above; the checks only compare
+    your statistics of those routes with the package's, so the routes need not be the notebook's own.
+    """
+    import math
+
+    import numpy as np
+
+    from minimoe import GPT, AdamW, Config, analysis
+    from minimoe.backend import to_numpy
+    from minimoe.data import TASKS, get_batch, synthetic_corpus, synthetic_examples
+    from minimoe.tokenizer import CharTokenizer
+
+    rng = np.random.default_rng(9)
+    E, K, T = 8, 2, 48
+    # a briefly trained model's routing of some tagged lines (a real, unbalanced route)
+    tok = CharTokenizer.from_text(synthetic_corpus(2000, seed=0))
+    ids = np.array(tok.encode(synthetic_corpus(2000, seed=0)), dtype=np.int64)
+    cfg = Config(flavour="llama", vocab_size=tok.vocab_size, block_size=T, n_layer=1, n_head=2, n_embd=16,
+                 n_experts=E, top_k=K, expert_hidden=16, aux_loss_coef=0.01)  # fmt: skip
+    model = GPT(cfg, seed=0, dtype="float64")
+    opt = AdamW(model.params, lr=3e-3)
+    for _ in range(30):
+        model.forward(*get_batch(ids, 8, T, rng))
+        model.backward()
+        opt.step(model.grads)
+    chars, tasks = [], []
+    for task, line in synthetic_examples(60, seed=1):
+        chars.extend(line + "\n")
+        tasks.extend([TASKS.index(task)] * (len(line) + 1))
+    n_win = len(chars) // T
+    windows = np.array(
+        [tok.encode("".join(chars[i * T : (i + 1) * T])) for i in range(n_win)], dtype=np.int64
+    )
+    model.eval()
+    model.forward(windows)
+    model_route = to_numpy(model.stats["layers"][0]["expert_idx"]).reshape(n_win, T, K)
+    task_labels = np.array(tasks[: n_win * T]).reshape(n_win, T)
+
+    def distinct_choices(shape):
+        return np.stack([rng.permutation(E)[:K] for _ in range(math.prod(shape))]).reshape(*shape, K)
+
+    out = {}
+    # expert_load
+    unused = distinct_choices((4, 10)) % 6  # experts 6 and 7 never chosen (pairs may repeat: fine)
+    for key, route in (("random", distinct_choices((5, 12))), ("model", model_route), ("unused", unused)):
+        out[f"load_{key}_route"] = route
+        out[f"load_{key}"] = analysis.expert_load(route, E)
+    # contingency_table: one-hot labels^T @ (tokens x experts) choice counts, via analysis.routing_matrix
+    random_labels = rng.integers(0, 3, (5, 12))
+    for key, labels, route, n in (("random", random_labels, distinct_choices((5, 12)), 3),
+                                  ("model", task_labels, model_route, len(TASKS))):  # fmt: skip
+        chosen = analysis.routing_matrix(
+            {"expert_idx": route.reshape(-1, K), "gates": None}, E
+        )  # (tokens, E)
+        table = np.eye(n)[labels.reshape(-1)].T @ chosen
+        out.update({f"table_{key}_labels": labels, f"table_{key}_route": route, f"table_{key}": table})
+        out[f"table_{key}_n_labels"] = np.array(n)
+    # mutual_information: the textbook formula, in bits, on tables with known answers
+    tables = {
+        "independent": np.outer([1.0, 2.0, 3.0], [4.0, 1.0, 2.0, 1.0]),
+        "diagonal": 5.0 * np.eye(4),
+        "empty_cells": np.array([[3.0, 0.0, 1.0], [0.0, 2.0, 0.0]]),
+        "random": rng.integers(1, 9, (5, 8)).astype(float),
+        "model": out["table_model"],
+    }
+    for key, counts in tables.items():
+        p = counts / counts.sum()
+        px, pe = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+        terms = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0) / (px * pe)), 0.0)
+        out[f"mi_{key}_counts"], out[f"mi_{key}"] = counts, np.array(terms.sum())
+    # consecutive_same_expert
+    sequences = {
+        "random0": distinct_choices((60,)),
+        "random1": distinct_choices((25,)),
+        "model": model_route[0],
+        "same": np.tile([3, 5], (10, 1)),
+        "disjoint": np.array([[0, 1], [2, 3]] * 5),
+        "swapped": np.array([[0, 1], [1, 0]] * 5),
+    }
+    for key, idx in sequences.items():
+        r = analysis.consecutive_same_expert(idx, E)
+        out[f"consec_{key}_idx"], out[f"consec_{key}"] = idx, np.array([r["first_choice"], r["any_choice"]])
+    return out

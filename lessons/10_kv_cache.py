@@ -30,7 +30,13 @@ import minimoe
 from minimoe.data import builtin_corpus
 from minimoe.gradcheck import check_op, rel_error
 from minimoe.layers.attention import KVCache
-from minimoe.ops.attention import causal_attention_backward, causal_attention_forward, rope_tables
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_shape, reference
+from minimoe.ops.attention import (
+    causal_attention_backward,
+    causal_attention_forward,
+    rope_forward,
+    rope_tables,
+)
 from minimoe.tokenizer import CharTokenizer
 
 text = builtin_corpus()
@@ -100,8 +106,6 @@ print("per layer: k", cache.k[0].shape, "v", cache.v[0].shape, "filled:", cache.
 # by $m$). Both facts, checked:
 
 # %%
-from minimoe.ops.attention import rope_forward
-
 D = 8
 cos_all, sin_all = rope_tables(32, D, dtype="float64")
 cos_off, sin_off = rope_tables(5, D, offset=20, dtype="float64")  # positions 20..24 only
@@ -145,11 +149,12 @@ def causal_mask(Tq, Tk):
 
 
 # %% [markdown]
-# **Check.** Attention written out with your mask (softmax over allowed keys, Vaswani et al. eq. 1)
-# must equal the package's `causal_attention_forward` for $T_q < T_k$, with grouped-query heads
-# ($H = 4$ query heads sharing $H_{kv} = 2$ key/value heads: head $h$ reads key/value head $h // 2$).
-# It must also equal the **last $T_q$ rows** of full attention over all $T_k$ positions: that is the
-# statement "the cache changes nothing".
+# **Check.** Your mask against the keys that the package's `causal_attention_forward` lets each query
+# see (stored in `10_kv_cache.npz`), for several $(T_q, T_k)$. Then attention written out with your
+# mask (softmax over allowed keys, Vaswani et al. eq. 1) must give the package's outputs for
+# $T_q < T_k$ with grouped-query heads ($H = 4$ query heads sharing $H_{kv} = 2$ key/value heads:
+# head $h$ reads key/value head $h // 2$), which are also the **last $T_q$ rows** of full attention
+# over all $T_k$ positions: that is the statement "the cache changes nothing".
 
 
 # %%
@@ -163,26 +168,30 @@ def attention_with_mask(q, k, v, mask):
     return (p / p.sum(axis=-1, keepdims=True)) @ v
 
 
-rng = np.random.default_rng(1)
-B, H, Hkv, Tq, Tk, D = 2, 4, 2, 3, 7, 8
-q_all = rng.standard_normal((B, H, Tk, D))
-k, v = rng.standard_normal((B, Hkv, Tk, D)), rng.standard_normal((B, Hkv, Tk, D))
-q = q_all[:, :, -Tq:]  # the last Tq queries
+MASK_SIZES = ((3, 7), (1, 5), (4, 4), (1, 1), (2, 9))
 
-m = causal_mask(Tq, Tk)
-assert m.shape == (Tq, Tk) and m.dtype == bool, "causal_mask must return a (Tq, Tk) boolean array"
-assert causal_mask(1, 5).all(), "one new token sees every cached position"
-assert np.array_equal(causal_mask(4, 4), np.tril(np.ones((4, 4), bool))), "Tq == Tk is the usual triangle"
-ours = attention_with_mask(q, k, v, m)
-ref, _ = causal_attention_forward(q, k, v)
-full, _ = causal_attention_forward(q_all, k, v)
-print(
-    "vs causal_attention_forward:",
-    rel_error(ours, ref),
-    "  vs last rows of full attention:",
-    rel_error(ours, full[:, :, -Tq:]),
+# %% check id=causal_mask points=2
+FN = "causal_mask"
+for Tq, Tk in MASK_SIZES:
+    CASE = f"Tq={Tq} Tk={Tk}"
+    with case(FN, CASE):
+        m = causal_mask(Tq, Tk)
+    check_shape(FN, CASE, "mask", m, (Tq, Tk), "b")
+    check_close(FN, CASE, "mask", m, reference("10", f"mask_{Tq}_{Tk}"), 0)
+q, k, v = (reference("10", f"att_{n}") for n in "qkv")
+Tq, Tk = q.shape[2], k.shape[2]
+CASE = f"attention with your mask, q {q.shape} k, v {k.shape}"
+with case(FN, CASE):
+    ours = attention_with_mask(q, k, v, causal_mask(Tq, Tk))
+check_close(FN, CASE, "output", ours, reference("10", "att_y"), 1e-12)
+check_close(
+    FN,
+    CASE,
+    "output (vs the last rows of full attention)",
+    ours,
+    reference("10", "att_full_last_rows"),
+    1e-12,
 )
-assert rel_error(ours, ref) < 1e-12 and rel_error(ours, full[:, :, -Tq:]) < 1e-12
 print("causal_mask: OK")
 
 # %% [markdown]
@@ -209,7 +218,8 @@ plt.show()
 # $k$ and $v$ sum over the 2 query heads that read each key/value head.
 
 # %%
-errs = check_op(causal_attention_forward, causal_attention_backward, [q.copy(), k.copy(), v.copy()], eps=1e-5)
+q, k, v = (reference("10", f"att_{n}") for n in "qkv")  # Tq = 3 queries, Tk = 7 keys
+errs = check_op(causal_attention_forward, causal_attention_backward, [q, k, v], eps=1e-5)
 print("rel errors dq, dk, dv:", {i: f"{e:.1e}" for i, e in errs.items()})
 assert max(errs.values()) <= 1e-6
 
@@ -256,7 +266,7 @@ def generate_cached(model, idx, max_new_tokens):
 # **Check.** Four tiny models — a GPT-2-style dense model (learned positions, multi-head), a
 # Llama-style dense model (RoPE, grouped-query), a Mixtral-style MoE (top-2 of 8) and a DeepSeek-style
 # MoE (fine-grained top-3 of 16 + a shared expert) — must generate **exactly** the tokens of full
-# recomputation, for a batch of two prompts.
+# recomputation (`generate_recompute` above, run here on the same model), for a batch of two prompts.
 #
 # Why float64? The cached and the recomputed logits are mathematically equal but not bit-identical:
 # a matmul over 1 row and one over $T$ rows may sum in different orders. In float64 they agree to
@@ -275,17 +285,27 @@ models = {
 }
 prompts = np.array([tok.encode("def f(x):\n    return"), tok.encode("The import statement")[:20]])
 n_new = 30
+
+# %% check id=generate_cached points=3
+FN = "generate_cached"
 for name, config in models.items():
     model = minimoe.GPT(config, seed=0, dtype="float64").eval()
     want = generate_recompute(model, prompts, n_new)
-    got = generate_cached(model, prompts, n_new)
-    assert got.shape == want.shape, f"{name}: expected shape {want.shape}, got {got.shape}"
-    assert np.array_equal(got, want), f"{name}: cached tokens differ from recomputation"
-    assert len(np.unique(want[:, -n_new:])) > 3, "the test is only informative if the tokens vary"
+    CASE = f"{name}, prompts {prompts.shape}, {n_new} new tokens"
+    with case(FN, CASE):
+        got = generate_cached(model, prompts, n_new)
+    check_shape(FN, CASE, "tokens", got, want.shape, "iu")
+    check_close(FN, CASE, "tokens (vs recomputation)", got, want, 0)
     print(f"{name:18s} identical: {tok.decode(got[0, -n_new:])!r}")
+print("generate_cached: OK")
 
-# the same check catches a loop that forgets the cache: each token then sees only itself, at position 0
+# %% [markdown]
+# The same check catches a loop that forgets the cache: each new token then sees only itself, at
+# position 0.
+
+# %%
 model = minimoe.GPT(models["llama dense, GQA"], seed=0, dtype="float64").eval()
+want = generate_recompute(model, prompts, n_new)
 logits, _ = model.forward(prompts)
 forgetful = [prompts]
 for _ in range(n_new):
@@ -293,7 +313,6 @@ for _ in range(n_new):
     forgetful.append(nxt)
     logits, _ = model.forward(nxt)
 print("without the cache the tokens differ:", not np.array_equal(np.concatenate(forgetful, 1), want))
-print("generate_cached: OK")
 
 # %% [markdown]
 # How close are the logits? Prefill 40 tokens with the cache, feed the 41st alone, and compare its
@@ -393,17 +412,24 @@ def kv_cache_bytes(config, T, B=1, bytes_per_number=2):
 
 
 # %% [markdown]
-# **Check** against the arrays that `KVCache` really allocates (float32: 4 bytes), and against a
-# number computed by hand: Mixtral 8x7B stores $2 \cdot 32 \cdot 8 \cdot 128 \cdot 2 = 131{,}072$ bytes =
-# 128 KiB per token in bf16.
+# **Check** against the arrays that `KVCache` really allocates (float32: 4 bytes) for the four tiny
+# models, and against a number computed by hand: Mixtral 8x7B stores
+# $2 \cdot 32 \cdot 8 \cdot 128 \cdot 2 = 131{,}072$ bytes = 128 KiB per token in bf16.
 
-# %%
-for name, config in models.items():
-    c = config
+# %% check id=kv_cache_bytes points=1
+FN = "kv_cache_bytes"
+for name, c in models.items():
     kv = KVCache(c.n_layer, 3, c.n_kv_head, 50, c.head_size, dtype="float32")
     allocated = sum(a.nbytes for a in kv.k + kv.v)
-    assert kv_cache_bytes(c, T=50, B=3, bytes_per_number=4) == allocated, f"{name}: expected {allocated}"
-assert kv_cache_bytes(minimoe.get_preset("mixtral-8x7b"), T=1) == 131072
+    CASE = f"{name} (n_layer={c.n_layer} n_head={c.n_head} n_kv_head={c.n_kv_head}) T=50 B=3 float32"
+    with case(FN, CASE):
+        n_bytes = kv_cache_bytes(c, T=50, B=3, bytes_per_number=4)
+    check_shape(FN, CASE, "bytes", n_bytes, (), "iuf")
+    check_close(FN, CASE, "bytes (vs the KVCache arrays)", n_bytes, np.asarray(allocated), 0)
+CASE = "mixtral-8x7b T=1 bf16"
+with case(FN, CASE):
+    n_bytes = kv_cache_bytes(minimoe.get_preset("mixtral-8x7b"), T=1)
+check_close(FN, CASE, "bytes", n_bytes, np.asarray(131072), 0)
 print("kv_cache_bytes: OK")
 
 # %% [markdown]
@@ -484,3 +510,27 @@ else:
 # 4. **Sliding window.** Mistral 7B attends to the last 4096 tokens only. Change `kv_cache_bytes` for a
 #    window $W$ and recompute the table for $W = 4096$. How would you store such a cache without copying
 #    it at every step? (Hint: a ring buffer indexed by position mod $W$ — RoPE already encodes positions.)
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks, from minimoe's attention (run at build time)."""
+    import numpy as np
+
+    from minimoe.ops.attention import causal_attention_forward
+
+    out = {}
+    for Tq, Tk in ((3, 7), (1, 5), (4, 4), (1, 1), (2, 9)):
+        # which keys each query sees, read off the package's attention: with q = k = 0 every allowed
+        # key gets the same weight, and with one-hot values each output row shows the keys it averaged
+        q, k = np.zeros((1, 1, Tq, Tk)), np.zeros((1, 1, Tk, Tk))
+        y, _ = causal_attention_forward(q, k, np.eye(Tk)[None, None])
+        out[f"mask_{Tq}_{Tk}"] = y[0, 0] > 0
+    rng = np.random.default_rng(1)
+    B, H, Hkv, Tq, Tk, D = 2, 4, 2, 3, 7, 8
+    q_all = rng.standard_normal((B, H, Tk, D))
+    k, v = rng.standard_normal((B, Hkv, Tk, D)), rng.standard_normal((B, Hkv, Tk, D))
+    q = q_all[:, :, -Tq:]  # the last Tq queries
+    out.update(att_q=q, att_k=k, att_v=v, att_y=causal_attention_forward(q, k, v)[0])
+    out["att_full_last_rows"] = causal_attention_forward(q_all, k, v)[0][:, :, -Tq:]
+    return out

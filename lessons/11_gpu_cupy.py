@@ -26,7 +26,8 @@ import numpy as np
 
 import minimoe
 from minimoe import backend
-from minimoe.gradcheck import check_op, rel_error
+from minimoe.gradcheck import rel_error
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_gradient, check_shape, reference
 
 # %% [markdown]
 # ## 1. The backend switch
@@ -109,6 +110,7 @@ def softcap_forward(x, cap):
     ### END SOLUTION
 
 
+# %%
 def softcap_backward(dy, cache):
     """dy (...) -> dx (...) = dy * (1 - tanh^2(x / cap))."""
     ### BEGIN SOLUTION
@@ -118,36 +120,60 @@ def softcap_backward(dy, cache):
 
 
 # %% [markdown]
-# **Check:** values against a direct NumPy formula, dtype and array type preserved, a float64
-# gradient check, and — if a GPU is present — the same op on a CuPy array, compared with NumPy's
-# answer after one copy back (`minimoe.to_numpy`).
+# **Check the forward**: values against the formula (stored in `11_gpu_cupy.npz`) on inputs from
+# $O(1)$ to $O(50)$, both the linear and the saturated regime; float32 in must give float32 out, as a
+# NumPy array; and — if a GPU is present — the same op on a CuPy array must stay on the device and
+# agree with NumPy's answer after one copy back (`minimoe.to_numpy`).
 
-# %%
-rng = np.random.default_rng(0)
-x64 = rng.standard_normal((3, 5)) * 20  # O(1) to O(50): both the linear and the saturated regime
-y64, _ = softcap_forward(x64, 30.0)
-assert rel_error(y64, 30.0 * np.tanh(x64 / 30.0)) < 1e-14
-y32, _ = softcap_forward(x64.astype(np.float32), 30.0)
-assert y32.dtype == np.float32, f"float32 in must give float32 out, got {y32.dtype}"
-assert type(y32) is np.ndarray
-
-x_small = rng.standard_normal((4, 6)) * 2  # gradient check on O(1) inputs, in float64
-errs = check_op(softcap_forward, softcap_backward, [x_small, 3.0], wrt=[0], eps=1e-5)
-print("gradient check rel error:", f"{errs[0]:.1e}")
-assert errs[0] <= 1e-6
-
+# %% check id=softcap_forward points=1
+FN = "softcap_forward"
+x64 = reference("11", "x")
+CASE = f"x {x64.shape} float64 cap=30"
+with case(FN, CASE):
+    y64, _ = softcap_forward(x64, 30.0)
+check_shape(FN, CASE, "y", y64, x64.shape, "f")
+check_close(FN, CASE, "y", y64, reference("11", "y_cap30"), 1e-14)
+CASE = f"x {x64.shape} float32 cap=30"
+with case(FN, CASE):
+    y32, _ = softcap_forward(x64.astype(np.float32), 30.0)
+if type(y32) is not np.ndarray or y32.dtype != np.float32:
+    raise CheckFailed(
+        f"{FN}, case {CASE}: float32 NumPy in must give float32 NumPy out, got {type(y32).__name__} {getattr(y32, 'dtype', '')}"
+    )
+check_close(FN, CASE, "y", y32, reference("11", "y_cap30"), 1e-6)
 if GPU:
+    CASE = f"x {x64.shape} float32 cap=30 on the GPU"
     minimoe.set_backend("cupy")
-    xd = backend.to_device(x64.astype(np.float32))  # host -> device, once
-    yd, cache_d = softcap_forward(xd, 30.0)
-    dxd = softcap_backward(backend.get_xp().ones_like(yd), cache_d)
-    assert backend.xp_of(yd).__name__ == "cupy" and backend.xp_of(dxd).__name__ == "cupy"
-    print("cupy vs numpy, float32:", rel_error(yd, y32))  # rel_error copies to the host itself
-    assert rel_error(yd, y32) < 1e-6
-    minimoe.set_backend("numpy")
+    try:
+        with case(FN, CASE):
+            yd, cache_d = softcap_forward(
+                backend.to_device(x64.astype(np.float32)), 30.0
+            )  # host -> device, once
+        if backend.xp_of(yd).__name__ != "cupy":
+            raise CheckFailed(
+                f"{FN}, case {CASE}: a CuPy array in must give a CuPy array out, got {type(yd).__name__}"
+            )
+        check_close(FN, CASE, "y (vs NumPy)", yd, y32, 1e-6)  # check_close copies to the host itself
+    finally:
+        minimoe.set_backend("numpy")
 else:
     print("(no GPU: the CuPy half of this check was skipped)")
-print("softcap: OK")
+print("softcap_forward: OK")
+
+# %% [markdown]
+# **Check the backward**: a float64 gradient check on $O(1)$ inputs with `cap = 3`, then the values of
+# the formula.
+
+# %% check id=softcap_backward points=2
+FN = "softcap_backward"
+x, dy = reference("11", "x_small"), reference("11", "dy_small")
+CASE = f"x {x.shape} float64 cap=3"
+with case(FN, CASE):
+    dx = softcap_backward(dy, softcap_forward(x, 3.0)[1])
+check_shape(FN, CASE, "dx", dx, x.shape, "f")
+check_gradient(FN, CASE, lambda: float((softcap_forward(x, 3.0)[0] * dy).sum()), x, dx, 1e-6, name="dx")
+check_close(FN, CASE, "dx", dx, reference("11", "dx_cap3"), 1e-12)
+print("softcap_backward: OK")
 
 # %% [markdown]
 # ## 3. What must never happen
@@ -183,6 +209,7 @@ print("softcap: OK")
 V = 96
 cfg = minimoe.get_preset("mixtral", vocab_size=V)  # 4 layers, each one a MoE layer (8 experts, top-2)
 model = minimoe.GPT(cfg, seed=0)
+rng = np.random.default_rng(0)
 xb, yb = rng.integers(0, V, (2, 32)), rng.integers(0, V, (2, 32))
 copies = []
 original = backend.to_numpy
@@ -232,17 +259,26 @@ def reference_step(model, opt, xb, yb, lr):
 
 
 small = minimoe.get_preset("mixtral", vocab_size=V, n_layer=2, n_embd=32, expert_hidden=32, block_size=16)
+
+# %% check id=train_step points=2
+FN = "train_step"
 m_ref, m_you = minimoe.GPT(small, seed=0), minimoe.GPT(small, seed=0)
 o_ref, o_you = minimoe.AdamW(m_ref.params, lr=1e-2), minimoe.AdamW(m_you.params, lr=1e-2)
-for _ in range(2):
-    xs, ys = rng.integers(0, V, (2, 16)), rng.integers(0, V, (2, 16))
+batch_rng = np.random.default_rng(0)
+for step in range(2):
+    xs, ys = batch_rng.integers(0, V, (2, 16)), batch_rng.integers(0, V, (2, 16))
+    CASE = f"step {step + 1}, batch {xs.shape}, toy mixtral (2 layers)"
     loss_ref = reference_step(m_ref, o_ref, xs, ys, 1e-2)
-    loss_you = train_step(m_you, o_you, xs, ys, 1e-2)
-    assert not isinstance(loss_you, float), "return the 0-d array: float(loss) would force a sync on a GPU"
-    assert getattr(loss_you, "ndim", None) == 0 and backend.xp_of(loss_you) is m_you.xp
-    assert float(loss_you) == float(loss_ref), (float(loss_you), float(loss_ref))
-for k in m_ref.params:
-    assert np.array_equal(backend.to_numpy(m_you.params[k]), backend.to_numpy(m_ref.params[k])), k
+    with case(FN, CASE):
+        loss_you = train_step(m_you, o_you, xs, ys, 1e-2)
+    if getattr(loss_you, "ndim", None) != 0 or backend.xp_of(loss_you) is not m_you.xp:
+        raise CheckFailed(
+            f"{FN}, case {CASE}: return the loss as the 0-d array the model returned, got {type(loss_you).__name__} "
+            "(float(loss) would force a sync on a GPU)"
+        )
+    check_close(FN, CASE, "loss", loss_you, backend.to_numpy(loss_ref), 0)
+    for k in m_ref.params:
+        check_close(FN, CASE, f"updated weights {k}", m_you.params[k], backend.to_numpy(m_ref.params[k]), 0)
 print("train_step: OK")
 
 # %% [markdown]
@@ -392,3 +428,20 @@ plt.show()
 # 4. **A sync-free MoE?** Section 3 found one host copy per MoE layer: the expert offsets. Sketch a
 #    layer that needs none, using a fixed capacity per expert (all shapes known in advance, padded
 #    slots). What does it cost in wasted compute and dropped tokens?
+
+
+# %% references
+def references():
+    """Inputs and expected values of this lesson's checks (the formula y = cap tanh(x / cap), in float64)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5)) * 20  # O(1) to O(50): both the linear and the saturated regime
+    x_small, dy_small = rng.standard_normal((4, 6)) * 2, rng.standard_normal((4, 6))
+    return {
+        "x": x,
+        "y_cap30": 30.0 * np.tanh(x / 30.0),
+        "x_small": x_small,
+        "dy_small": dy_small,
+        "dx_cap3": dy_small * (1.0 - np.tanh(x_small / 3.0) ** 2),
+    }

@@ -5,7 +5,8 @@
 # it needs; its *active* parameter count — the weights one token actually multiplies — decides how
 # much compute each token costs. Mixtral 8x7B holds 46.7B parameters but runs each token through
 # 12.9B of them (Jiang et al. 2024). This lesson counts both, by hand, for real models far too large
-# to build here:
+# to build here. (This is the one place in the course where parameters are counted by hand; Lesson 08
+# uses these counts.) The models:
 #
 # | model | kind | source |
 # |---|---|---|
@@ -24,14 +25,15 @@
 # FLOPs per token and the training compute $C \approx 6ND$.
 
 # %%
+import json
 import math
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-import minimoe
 from minimoe import PRESETS, count_params, get_preset
 from minimoe.gradcheck import check_op
+from minimoe.lessons.checks import CheckFailed, case, check_close, check_shape, reference
 from minimoe.ops.linear import linear_backward, linear_forward
 
 full_size = ["gpt3-175b", "mixtral-8x7b", "deepseek-moe-16b", "olmoe-1b-7b", "gpt4-rumoured-full"]
@@ -57,7 +59,7 @@ for name in full_size:
 # ## 1. One block, by hand
 #
 # Shapes: $C$ channels, $H$ query heads, $H_{kv}$ key/value heads, $D = C/H$ head size, $F$ hidden width,
-# $E$ experts, $K$ experts per token. `minimoe` stores (see `minimoe/model.py` and `minimoe/layers/moe.py`):
+# $E$ experts, $K$ experts per token. `minimoe` stores (see `minimoe/model.py` and the MoE layer):
 #
 # **Attention** (grouped-query: Ainslie et al. 2023; $H_{kv} = H$ is ordinary multi-head attention):
 # $W_{qkv}$ of shape $C \times (H + 2H_{kv})D$ (queries, keys and values side by side) and
@@ -95,6 +97,7 @@ def attention_params(c):
     ### END SOLUTION
 
 
+# %%
 def ffn_params(c, F):
     """Weights of one dense feed-forward network of hidden width F (GELU: 2 matrices, SwiGLU: 3)."""
     ### BEGIN SOLUTION
@@ -105,6 +108,7 @@ def ffn_params(c, F):
     ### END SOLUTION
 
 
+# %%
 def block_params(c, i):
     """(total, active) weights of block i: two norms, attention, and a dense FFN or a MoE layer."""
     ### BEGIN SOLUTION
@@ -144,27 +148,79 @@ def model_params(c):
 
 
 # %% [markdown]
-# **Check.** Two hand-computed values first: GPT-3's attention is $4C^2 + 4C$ with $C = 12288$, and one
-# Mixtral expert is $3 \cdot 4096 \cdot 14336$. Then every preset against `minimoe.count_params`, and
-# every preset small enough to build against the number of entries in its arrays.
+# **Checks.** Each count is compared with the arrays of models small enough to build — the toy
+# presets, and shrunk copies of the other layouts (GPT-2's GELU with biases and LayerNorm, the
+# rumoured GPT-4's GELU experts, DeepSeekMoE's shared experts and dense first block, a noisy router
+# with grouped-query heads) — counted from the models' parameter dicts and stored in
+# `12_scaling_on_paper.npz`; then with a few values by hand (GPT-3's attention is $4C^2 + 4C$ with
+# $C = 12288$; one Mixtral expert is $3 \cdot 4096 \cdot 14336$); finally the whole model, for
+# **every** preset, against `minimoe.count_params`.
 
 # %%
+BUILT = {name: get_preset(preset, **overrides) for name, (preset, overrides) in json.loads(str(reference("12", "built"))).items()}  # fmt: skip
 gpt3, mixtral = get_preset("gpt3-175b"), get_preset("mixtral-8x7b")
-assert attention_params(gpt3) == 4 * 12288**2 + 4 * 12288
-assert attention_params(mixtral) == 4096 * (32 + 2 * 8) * 128 + 4096 * 4096  # GQA: 8 key/value heads
-assert ffn_params(mixtral, 14336) == 3 * 4096 * 14336
+
+
+def arrays_of(i, what):
+    """Entries counted from built model i's arrays: 'attn', 'ffn' (first dense block), 'shared', 'blocks'."""
+    return reference("12", f"built{i}_{what}")
+
+
+# %% check id=attention_params points=1
+FN = "attention_params"
+for i, (name, c) in enumerate(BUILT.items()):
+    CASE = f"{name} (C={c.n_embd} H={c.n_head} H_kv={c.n_kv_head} bias={c.bias})"
+    with case(FN, CASE):
+        n = attention_params(c)
+    check_shape(FN, CASE, "count", n, (), "iu")
+    check_close(FN, CASE, "count (vs the built model's attention arrays)", n, arrays_of(i, "attn"), 0)
+for name, c, want, what in (("gpt3-175b", gpt3, 4 * 12288**2 + 4 * 12288, "4 C^2 + 4 C"),
+                            ("mixtral-8x7b", mixtral, 4096 * (32 + 2 * 8) * 128 + 4096 * 4096, "GQA: 8 key/value heads")):  # fmt: skip
+    CASE = f"{name} by hand ({what})"
+    with case(FN, CASE):
+        n = attention_params(c)
+    check_close(FN, CASE, "count", n, np.asarray(want), 0)
+print("attention_params is correct")
+
+# %% check id=ffn_params points=1
+FN = "ffn_params"
+for i, (name, c) in enumerate(BUILT.items()):
+    for what, F in (("ffn", c.ffn_hidden), ("shared", c.n_shared_experts * c.shared_hidden)):
+        want = arrays_of(i, what)
+        if want < 0:  # this model has no such network
+            continue
+        CASE = f"{name}: {'dense FFN' if what == 'ffn' else 'shared experts'} (C={c.n_embd} F={F} {c.activation} bias={c.bias})"
+        with case(FN, CASE):
+            n = ffn_params(c, F)
+        check_shape(FN, CASE, "count", n, (), "iu")
+        check_close(FN, CASE, "count (vs the built model's arrays)", n, want, 0)
+CASE = "mixtral-8x7b expert by hand (3 C F, C=4096 F=14336)"
+with case(FN, CASE):
+    n = ffn_params(mixtral, 14336)
+check_close(FN, CASE, "count", n, np.asarray(3 * 4096 * 14336), 0)
+print("ffn_params is correct")
+
+# %% check id=block_params points=2
+FN = "block_params"
+for i, (name, c) in enumerate(BUILT.items()):
+    for layer in range(c.n_layer):
+        CASE = f"{name} block {layer} ({'MoE' if c.is_moe_block(layer) else 'dense'})"
+        with case(FN, CASE):
+            counts = block_params(c, layer)
+        if not isinstance(counts, tuple) or len(counts) != 2:
+            raise CheckFailed(f"{FN}, case {CASE}: return a tuple (total, active), got {counts!r}")
+        check_close(
+            FN, CASE, "total (vs the built model's arrays)", counts[0], arrays_of(i, "blocks")[layer], 0
+        )
 for name in PRESETS:
     c = get_preset(name)
-    ours = model_params(c)
-    ref = count_params(c)
-    assert ours == (ref["total"], ref["active"]), f"{name}: yours {ours}, count_params {ref}"
-    built = ""
-    if not c.counted_only:
-        n = minimoe.GPT(c, seed=0).num_params()
-        assert n == ours[0], f"{name}: the built model has {n} weights, you counted {ours[0]}"
-        built = "= the built model's arrays"
-    print(f"{name:20s} total {ours[0]:>16,d}  active {ours[1]:>16,d}  {built}")
-print("parameter counts: OK")
+    CASE = f"{name}, the whole model with your block_params"
+    with case(FN, CASE):
+        ours = model_params(c)
+    ref = reference("12", "count_" + name.replace("-", "_"))  # (total, active) from minimoe.count_params
+    check_close(FN, CASE, "(total, active)", np.asarray(ours), ref, 0)
+    print(f"{name:20s} total {ours[0]:>16,d}  active {ours[1]:>16,d}")
+print("block_params is correct: every preset matches minimoe.count_params")
 
 # %% [markdown]
 # The toy presets of this course are *matched in active parameters* (1.1M each): the MoE variants hold
@@ -381,3 +437,43 @@ for name in full_size:
 # 4. **When does attention matter?** The attention term $4LTHD$ grows with the context $T$. At which
 #    context length does it equal the matmul term $2N_{\text{active}}$ for GPT-3, and for Mixtral?
 #    (Use `count_params(get_preset(name, block_size=T))`.)
+
+
+# %% references
+def references():
+    """Expected counts for this lesson's checks: entries counted from built models' parameter dicts, and
+    minimoe.count_params for every preset (run at build time)."""
+    import json
+
+    import numpy as np
+
+    from minimoe import GPT, PRESETS, count_params, get_preset
+
+    small = dict(
+        n_layer=2, n_embd=32, n_head=4, n_kv_head=4, vocab_size=64, block_size=16, counted_only=False
+    )
+    built = {name: (name, {}) for name in PRESETS if not get_preset(name).counted_only}  # the toy presets
+    built.update({
+        "gpt2-124m layout, small": ("gpt2-124m", dict(small, ffn_hidden=128)),
+        "gpt4-rumoured-full layout, small": ("gpt4-rumoured-full", dict(small, expert_hidden=16)),
+        "deepseek-moe-16b layout, small": ("deepseek-moe-16b", dict(small, ffn_hidden=64, expert_hidden=8, shared_hidden=8)),
+        "mixtral, noisy router, 2 kv heads": ("mixtral", {"router": "noisy", "n_kv_head": 2}),
+    })  # fmt: skip
+    out = {"built": np.array(json.dumps(built))}
+    for i, (preset, overrides) in enumerate(built.values()):
+        c = get_preset(preset, **overrides)
+        params = GPT(c, seed=0).params
+
+        def size(prefix, params=params):
+            return sum(v.size for k, v in params.items() if k.startswith(prefix))
+
+        dense = [b for b in range(c.n_layer) if not c.is_moe_block(b)]
+        out[f"built{i}_attn"] = np.array(size("blocks.0.attn."))
+        out[f"built{i}_ffn"] = np.array(size(f"blocks.{dense[0]}.mlp.") if dense else -1)
+        moe = [b for b in range(c.n_layer) if c.is_moe_block(b)]
+        out[f"built{i}_shared"] = np.array(size(f"blocks.{moe[0]}.moe.shared.") if c.n_shared_experts else -1)
+        out[f"built{i}_blocks"] = np.array([size(f"blocks.{b}.") for b in range(c.n_layer)])
+    for name in PRESETS:
+        n = count_params(get_preset(name))
+        out["count_" + name.replace("-", "_")] = np.array([n["total"], n["active"]])
+    return out

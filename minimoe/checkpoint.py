@@ -14,13 +14,20 @@ Text is stored as 0-d unicode arrays (np.array("...")): NumPy saves those withou
 
 The file is written to a temporary file in the same directory and moved into place with
 os.replace, which is atomic: a reader sees the old checkpoint or the new one, never half of one,
-and a failed write leaves the old checkpoint untouched.
+and a failed write leaves the old checkpoint untouched. A process killed during a save leaves its
+temporary file (.ckpt.npz.*.tmp); training removes them (minimoe.rundir, under its lock).
+
+Both directions are checked (minimoe.filecheck): a model whose parameters hold NaN/inf is never
+written; a file is read only after its .npy headers were judged (no pickles, no sizes its bytes do
+not hold), and its JSON entries, arrays (real, finite float32/float64), optimizer step count,
+random-generator states and config are checked before a model is built from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -28,14 +35,20 @@ from pathlib import Path
 
 import numpy as np
 
-from minimoe import backend
+from minimoe import backend, filecheck, guards
 from minimoe.config import Config
 from minimoe.errors import CheckpointError
 from minimoe.model import GPT
+from minimoe.options import MODEL_FLAGS
+from minimoe.presets import PRESETS
 from minimoe.tokenizer import tokenizer_from_dict
 
 FORMAT = "minimoe-checkpoint-1"
 FILENAME = "ckpt.npz"
+
+
+class NonFiniteError(CheckpointError):
+    """A model or optimizer state holding NaN/inf, refused by save_checkpoint."""
 
 
 @dataclass
@@ -100,7 +113,6 @@ def save_checkpoint(path, model, optimizer=None, tokenizer=None, train_state=Non
     Returns the checkpoint's path.
     """
     dest = checkpoint_path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         "format": np.array(FORMAT),
         "config": _text(model.config.to_dict()),
@@ -118,7 +130,8 @@ def save_checkpoint(path, model, optimizer=None, tokenizer=None, train_state=Non
         for name in model.params:
             arrays["optim/m/" + name] = backend.to_numpy(state["m"][name])
             arrays["optim/v/" + name] = backend.to_numpy(state["v"][name])
-
+    check_writable(dest, arrays)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -133,17 +146,21 @@ def save_checkpoint(path, model, optimizer=None, tokenizer=None, train_state=Non
     return dest
 
 
-def _json_entry(data, key, where):
+def check_writable(dest, arrays: dict) -> None:
+    """NonFiniteError unless every parameter, buffer and optimizer moment is real and finite: a
+    diverged model must never replace a good checkpoint."""
+    floats = {k: v for k, v in arrays.items() if k.startswith(("param/", "buffer/", "optim/m/", "optim/v/"))}
     try:
-        return json.loads(str(data[key][()]))
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{where} has an unreadable {key!r} entry ({e}); the file is corrupt") from None
+        filecheck.check_float_arrays(f"refusing to write {str(dest)!r}", "entry", floats, NonFiniteError)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e}; the file on disk is kept") from None
 
 
 def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint file (or OUT/ckpt.npz for a directory OUT) into host arrays.
 
-    Raises CheckpointError for a missing, truncated, corrupt or foreign file.
+    Raises CheckpointError for a missing, truncated, corrupt, crafted or foreign file (see the
+    module docstring for what is checked).
     """
     p = checkpoint_path(path)
     where = f"checkpoint {str(p)!r}"
@@ -151,25 +168,22 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(
             f"no checkpoint exists at {str(p)!r}; train one first with `minimoe train --out DIR`"
         )
+    if "format" not in filecheck.npz_headers(p, where):  # judged before any array is read
+        raise CheckpointError(f"{str(p)!r} is a .npz file but not a minimoe checkpoint (no 'format' entry)")
     try:
         with np.load(p, allow_pickle=False) as z:
-            if "format" not in z.files:
-                raise CheckpointError(
-                    f"{str(p)!r} is a .npz file but not a minimoe checkpoint (no 'format' entry)"
-                )
             # read every array now: a truncated zip often fails only when an entry is read
             data = {k: z[k] for k in z.files}
-    except CheckpointError:
-        raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        # numpy reads a file that is no zip archive as a pickle, which allow_pickle=False refuses
-        why = "it is not a .npz archive" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"{where} cannot be read ({why}); it is truncated or corrupt") from None
-    fmt = str(data["format"][()])
+        raise CheckpointError(
+            f"{where} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupt"
+        ) from None
+    fmt = filecheck.text_entry(data, "format", where, raw=True)
     if fmt != FORMAT:
         raise CheckpointError(f"{where} has format {fmt!r}; this version of minimoe reads {FORMAT!r}")
+    config = filecheck.expect_object(filecheck.text_entry(data, "config", where), f"{where} config")
     try:
-        config = Config.from_dict(_json_entry(data, "config", where))
+        config = Config.from_dict(config)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where} holds an invalid model config ({e})") from None
 
@@ -178,17 +192,67 @@ def load_checkpoint(path) -> Checkpoint:
 
     optimizer = None
     if "optim/t" in data:
-        optimizer = {"t": int(data["optim/t"]), "m": group("optim/m/"), "v": group("optim/v/")}
-    return Checkpoint(
+        optimizer = {
+            "t": filecheck.count_entry(data, "optim/t", where),
+            "m": group("optim/m/"),
+            "v": group("optim/v/"),
+        }
+    ckpt = Checkpoint(
         path=p,
         config=config,
         params=group("param/"),
         buffers=group("buffer/"),
         optimizer=optimizer,
-        tokenizer=_json_entry(data, "tokenizer", where),
-        train_state=_json_entry(data, "train_state", where) or {},
-        rng=_json_entry(data, "rng", where) or {},
+        tokenizer=filecheck.expect_object(
+            filecheck.text_entry(data, "tokenizer", where), f"{where} tokenizer", null_ok=True
+        ),
+        train_state=filecheck.expect_object(
+            filecheck.text_entry(data, "train_state", where), f"{where} train_state", null_ok=True
+        )
+        or {},
+        rng=filecheck.expect_object(filecheck.text_entry(data, "rng", where), f"{where} rng", null_ok=True)
+        or {},
     )
+    check_contents(ckpt, where)
+    return ckpt
+
+
+def check_contents(ckpt: Checkpoint, where: str) -> None:
+    """What load_checkpoint checks once the entries are parsed: finite real arrays of one dtype,
+    the run's state and generators, and a config that agrees with the file (its layers, and the
+    model options the run was started with): another model's weights or config are refused."""
+    filecheck.check_float_arrays(where, "parameter", ckpt.params)
+    filecheck.check_float_arrays(where, "buffer", ckpt.buffers)
+    if ckpt.optimizer is not None:
+        filecheck.check_float_arrays(where, "optimizer first moment", ckpt.optimizer["m"])
+        filecheck.check_float_arrays(where, "optimizer second moment", ckpt.optimizer["v"])
+        negative = [k for k, v in ckpt.optimizer["v"].items() if (v < 0).any()]
+        if negative:  # a mean of squared gradients: sqrt(v) of a negative one would be NaN
+            raise CheckpointError(f"{where}: optimizer second moment {negative[0]!r} holds negative values")
+    filecheck.check_train_state(ckpt.train_state, where)
+    for name, state in ckpt.rng.items():
+        filecheck.check_rng_state(state, where, name)
+    dtypes = {a.dtype.name for a in ckpt.params.values()}
+    c, opts = ckpt.config, ckpt.train_state.get("options") or {}
+    if len(dtypes) > 1 or (opts.get("dtype") and dtypes and dtypes != {opts["dtype"]}):
+        raise CheckpointError(
+            f"{where} mixes parameter dtypes {sorted(dtypes)} (its run used {opts.get('dtype')!r})"
+        )
+    blocks = {int(m.group(1)) for m in map(re.compile(r"blocks\.(\d+)\.").match, ckpt.params) if m}
+    if len(blocks) != c.n_layer or (blocks and max(blocks) != c.n_layer - 1):  # blocks 0 .. n_layer - 1
+        raise CheckpointError(
+            f"{where} has weights of {len(blocks)} blocks but its config says n_layer = {c.n_layer}"
+        )
+    mismatched = [k for k in MODEL_FLAGS if opts.get(k) is not None and opts[k] != getattr(c, k)]
+    preset = opts.get("preset")
+    if isinstance(preset, str) and preset in PRESETS and c.name in PRESETS and preset != c.name:
+        mismatched.insert(0, "preset")
+    if mismatched:
+        k = mismatched[0]
+        raise CheckpointError(
+            f"{where} holds a {c.name!r} model whose {k} = {getattr(c, 'name' if k == 'preset' else k)!r}, but its "
+            f"run was started with {k} = {opts[k]!r}; the file mixes two models"
+        )
 
 
 def _check_arrays(where, kind, got: dict, want: dict):
@@ -212,6 +276,12 @@ def build_model(ckpt: Checkpoint, dtype: str | None = None):
     if dtype is None:
         first = next(iter(ckpt.params.values()), None)
         dtype = first.dtype.name if first is not None and first.dtype.name in backend.DTYPES else None
+    guards.check_fits(
+        {"parameters": guards.weights_bytes(ckpt.config, dtype or "float32")},
+        f"the model of {where}",
+        CheckpointError,
+        "its config describes a model far larger than its weights",
+    )
     try:
         model = GPT(ckpt.config, seed=int(ckpt.train_state.get("seed", 0)), dtype=dtype)
     except ValueError as e:
@@ -223,6 +293,21 @@ def build_model(ckpt: Checkpoint, dtype: str | None = None):
     for name, value in ckpt.buffers.items():
         model.buffers[name][...] = backend.to_device(value, model.xp, model.dtype)
     return model
+
+
+def check_resumable(ckpt: Checkpoint) -> None:
+    """CheckpointError unless the checkpoint holds what resuming its run needs: the optimizer's
+    state, the step count and options of the run, and the data generator's state."""
+    ts = ckpt.train_state
+    missing = [] if filecheck.is_int(ts.get("iteration")) else ["step count (train_state 'iteration')"]
+    missing += [] if isinstance(ts.get("options"), dict) else ["options (train_state 'options')"]
+    missing += [] if ckpt.rng.get("data") else ["state of the data generator (rng 'data')"]
+    if ckpt.optimizer is None:
+        missing.insert(0, "optimizer state")
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt.path)!r} holds no {missing[0]}, so its run cannot be resumed"
+        )
 
 
 def load_optimizer_state(ckpt: Checkpoint, optimizer, model):
@@ -239,10 +324,18 @@ def load_tokenizer(ckpt: Checkpoint):
     """The checkpoint's tokenizer object, or a CheckpointError when it has none."""
     if not ckpt.tokenizer:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds no tokenizer")
+    filecheck.check_tokenizer_dict(ckpt.tokenizer, f"checkpoint {str(ckpt.path)!r}")
     try:
-        return tokenizer_from_dict(ckpt.tokenizer)
+        tok = tokenizer_from_dict(ckpt.tokenizer)
+        tok.decode(range(tok.vocab_size))  # every id must decode (e.g. chars must be strings)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds an unreadable tokenizer ({e})") from None
+    if tok.vocab_size != ckpt.config.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt.path)!r} holds a tokenizer of {tok.vocab_size} tokens for a model of "
+            f"vocab_size {ckpt.config.vocab_size}; the file mixes two runs"
+        )
+    return tok
 
 
 def load_model(path, dtype: str | None = None):

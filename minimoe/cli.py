@@ -9,8 +9,9 @@
 
 A user mistake (a minimoe.errors.UserError, or an OSError on a file) ends the command with exit
 status 2 and one line on stderr starting "error: "; anything else is a bug and keeps its
-traceback. Ctrl-C ends it with status 130 (training first saves a checkpoint). The parsers only
-convert types; minimoe.options judges the values.
+traceback. Ctrl-C ends it with status 130, SIGTERM with 143 (training first saves a checkpoint);
+a training run that diverged ends with status 3 (docs/guarantees.md). The parsers only convert
+types; minimoe.options judges the values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from minimoe.sample import StreamDecoder, default_prompt_ids, generate
 from minimoe.train import train
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM ends training with 128 + 15 = 143
 
 
 class CliError(UserError):
@@ -93,6 +96,25 @@ def _add_train_args(p):
         metavar="N",
         help=f"tokens sampled at the end (default {d('sample_tokens')})",
     )
+    _add_guard_args(a, d)
+
+
+def _add_guard_args(a, d):
+    """The flags of the run's guards (docs/guarantees.md)."""
+    a("--max-bad-steps", type=int, metavar="N",
+      help=f"stop after N steps in a row with a non-finite loss or gradient (default {d('max_bad_steps')})")  # fmt: skip
+    a(
+        "--keep-best",
+        action="store_true",
+        default=None,
+        help="also keep OUT/best.npz, the best validation loss",
+    )
+    a(
+        "--max-data-mb",
+        type=float,
+        metavar="MB",
+        help=f"largest --data file read (default {d('max_data_mb')})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     summary = train(TrainOptions(**{k: getattr(args, k) for k in FIELDS}))
-    return EXIT_INTERRUPTED if summary["interrupted"] else 0
+    if summary["diverged"]:
+        return EXIT_DIVERGED
+    if summary["interrupted"]:
+        return 128 + int(summary["signal"] or signal.SIGINT)
+    return 0
 
 
 def _set_device(name):

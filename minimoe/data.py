@@ -33,6 +33,7 @@ __all__ = [
     "DataError",
     "builtin_corpus",
     "read_text_file",
+    "MAX_DATA_BYTES",
     "download",
     "default_cache_dir",
     "tinyshakespeare",
@@ -43,6 +44,7 @@ __all__ = [
     "load_corpus",
     "save_tokens",
     "load_tokens",
+    "check_variety",
     "train_val_split",
     "get_batch",
 ]
@@ -70,14 +72,39 @@ def builtin_corpus() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """Read a whole UTF-8 text file, with a clear DataError for every failure."""
+MAX_DATA_BYTES = 256 * 2**20  # the default limit on a data file's size (train --max-data-mb)
+_READ_BLOCK = 1 << 20
+
+
+def read_text_file(path: str | os.PathLike, max_bytes: int = MAX_DATA_BYTES) -> str:
+    """Read a whole UTF-8 text file of at most ``max_bytes`` bytes, with a clear DataError for
+    every failure. The file is read in blocks and refused as soon as it passes the limit or shows
+    a NUL byte (text has none: it is binary data, or a device such as /dev/zero)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"no file exists at {str(p)!r}; pass the path of an existing UTF-8 text file")
     if p.is_dir():
         raise DataError(f"{str(p)!r} is a directory, not a file; pass the path of a UTF-8 text file")
-    raw = p.read_bytes()
+    too_big = (
+        f"{str(p)!r} is larger than the data size limit of {max_bytes / 2**20:.4g} MB; raise the limit "
+        "(--max-data-mb) if this machine has the memory, or use a smaller file"
+    )
+    if p.is_file() and p.stat().st_size > max_bytes:
+        raise DataError(too_big)
+    blocks, size = [], 0
+    with open(p, "rb") as f:  # a pipe or device has no size: bound the reading itself
+        while block := f.read(_READ_BLOCK):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise DataError(
+                    f"{str(p)!r} holds a NUL byte at byte offset {size + nul}: it is binary data, not "
+                    "UTF-8 text; pass a text file"
+                )
+            size += len(block)
+            if size > max_bytes:
+                raise DataError(too_big)
+            blocks.append(block)
+    raw = b"".join(blocks)
     if not raw:
         raise DataError(f"{str(p)!r} is empty; pass a UTF-8 text file that contains some text")
     try:
@@ -187,15 +214,16 @@ def tinyshakespeare(
     return read_text_file(path)
 
 
-def load_corpus(spec: str | os.PathLike | None = None) -> str:
-    """Pick a corpus: None/"builtin", "tinyshakespeare", "synthetic", or a file path."""
+def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = MAX_DATA_BYTES) -> str:
+    """Pick a corpus: None/"builtin", "tinyshakespeare", "synthetic", or a file path (of at most
+    ``max_bytes`` bytes, see read_text_file)."""
     if spec is None or spec == "builtin":
         return builtin_corpus()
     if spec == "tinyshakespeare":
         return tinyshakespeare()
     if spec == "synthetic":
         return synthetic_corpus()
-    return read_text_file(spec)
+    return read_text_file(spec, max_bytes)
 
 
 # --------------------------------------------------------------------------
@@ -258,6 +286,17 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Splitting and batching
 # --------------------------------------------------------------------------
+
+
+def check_variety(ids, spec) -> None:
+    """DataError when the token ids of corpus ``spec`` hold fewer than two distinct tokens: a
+    model would learn to repeat the one token with loss 0, which teaches nothing."""
+    ids = np.asarray(ids)
+    if ids.size and np.count_nonzero(np.bincount(ids)) < 2:
+        raise DataError(
+            f"the data {spec!r} holds one distinct token only (id {int(ids[0])}, repeated {ids.size} times): "
+            "there is nothing to learn; use a text with some variety"
+        )
 
 
 def train_val_split(ids, val_fraction: float = 0.1, min_len: int = 2):

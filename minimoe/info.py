@@ -6,6 +6,7 @@ counts (presets.count_params) and, for a checkpoint, how far its training got. A
 from __future__ import annotations
 
 from minimoe.presets import count_params
+from minimoe.rundir import best_checkpoint
 
 
 def human(n: float) -> str:
@@ -28,12 +29,15 @@ def training_summary(ckpt) -> dict:
     """How far the checkpoint's run got: steps, losses, tokens, wall time, data and tokenizer."""
     ts = ckpt.train_state
     opts = ts.get("options", {})
+    best = best_checkpoint(ckpt)  # OUT/best.npz when it holds this run's best step (train --keep-best)
     return {
         "iterations": ts.get("iteration"),
         "max_iters": opts.get("max_iters"),
         "train_loss": ts.get("last_train_loss"),
         "val_loss": ts.get("last_val_loss"),
         "best_val_loss": ts.get("best_val_loss"),
+        "best_step": ts.get("best_step"),
+        "best_checkpoint": best and str(best),
         "tokens_seen": ts.get("tokens_seen"),
         "wall_time_s": ts.get("elapsed_s"),
         "data": opts.get("data"),
@@ -75,8 +79,13 @@ def format_info(info: dict, from_preset: bool) -> str:
             f"tokenizer), {f(tr['tokens_seen'], '{:,}')} tokens seen, "
             f"wall time {f(tr['wall_time_s'], '{:.1f}')} s"
         )
-        lines.append(
-            f"  last train loss {f(tr['train_loss'])}, last val loss {f(tr['val_loss'])}, "
-            f"best val loss {f(tr['best_val_loss'])}"
-        )
+        best = f"best val loss {f(tr['best_val_loss'])}"
+        if tr.get("best_step") is not None:  # say where the best weights are, or that they are gone
+            kept = (
+                f"kept in {tr['best_checkpoint']}"
+                if tr.get("best_checkpoint")
+                else "weights not kept: --keep-best keeps them"
+            )
+            best += f" (step {tr['best_step']}, {kept})"
+        lines.append(f"  last train loss {f(tr['train_loss'])}, last val loss {f(tr['val_loss'])}, {best}")
     return "\n".join(lines)

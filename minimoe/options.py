@@ -101,6 +101,9 @@ class TrainOptions:
     dtype: Optional[str] = None
     resume: Optional[bool] = None
     sample_tokens: Optional[int] = None
+    max_bad_steps: Optional[int] = None
+    keep_best: Optional[bool] = None
+    max_data_mb: Optional[float] = None
 
 
 # The one place the defaults are written. The fields left out stay None after resolution:
@@ -125,6 +128,9 @@ DEFAULTS = TrainOptions(
     dtype="float32",
     resume=False,
     sample_tokens=200,  # printed at the end; 0: none
+    max_bad_steps=3,  # stop after this many steps in a row with a non-finite loss/gradient
+    keep_best=False,  # also keep OUT/best.npz, the checkpoint of the best validation loss
+    max_data_mb=256,  # refuse a --data file larger than this (MB)
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 # The model flags override the preset's Config fields of the same names.
@@ -175,7 +181,7 @@ def check_options(o: TrainOptions) -> None:
     The model flags are judged by `model_config` (Config.validate knows which shapes fit together).
     """
     toys = ", ".join(toy_presets())
-    check(o.preset in PRESETS, "preset", o.preset, f"valid presets are {toys}")
+    check(isinstance(o.preset, str) and o.preset in PRESETS, "preset", o.preset, f"valid presets are {toys}")
     check(
         o.preset in toy_presets(),
         "preset",
@@ -195,6 +201,20 @@ def check_options(o: TrainOptions) -> None:
         check_number("min_lr", o.min_lr, lo=0.0, hi=o.lr)
     check_number("weight_decay", o.weight_decay, lo=0.0)
     check_number("grad_clip", o.grad_clip, lo=0.0)  # 0: no clipping
+    check_run_guards(o)
+
+
+def check_run_guards(o: TrainOptions) -> None:
+    """The options of the run's guards (minimoe.guards, minimoe.rundir), and the types of the
+    options that name things (a checkpoint's saved options are read from a file)."""
+    for name in ("data", "out"):
+        check(
+            isinstance(getattr(o, name), str), name, getattr(o, name), "it must be a path or name (a string)"
+        )
+    for name in ("resume", "keep_best"):
+        check(isinstance(getattr(o, name), bool), name, getattr(o, name), "it must be true or false")
+    check_int("max_bad_steps", o.max_bad_steps, lo=1)
+    check_number("max_data_mb", o.max_data_mb, lo=0.0, strict=True)
 
 
 def model_config(o: TrainOptions, vocab_size: int) -> Config:
@@ -203,6 +223,11 @@ def model_config(o: TrainOptions, vocab_size: int) -> Config:
     Config.validate judges the model flags; its message names the Config field, which becomes
     the flag here (Config.n_embd = 100 ... -> --n-embd = 100 ...)."""
     overrides = {k: getattr(o, k) for k in MODEL_FLAGS if getattr(o, k) is not None}
+    for k, v in overrides.items():  # the types here; Config.validate judges the values
+        if k == "dropout":
+            check_number(k, v, lo=0.0)
+        else:
+            check(is_int(v), k, v, "it must be an integer")
     try:
         return get_preset(o.preset, vocab_size=vocab_size, **overrides)
     except ConfigError as e:

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import struct
 
 import numpy
 
 from minimoe.errors import CheckpointError
+from minimoe.filecheck import expect_object, is_int, kind, parse_json, read_json_file
+from minimoe.guards import gib, memory_limit
 
 # safetensors dtype -> numpy dtype (little-endian). BF16 has no numpy dtype: we read its raw
 # 16 bits and widen them to float32 (see read_safetensors).
@@ -40,6 +43,7 @@ DTYPES = {
 }
 
 INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on its JSON header
 
 
 def bf16_to_float32(bits):
@@ -52,40 +56,69 @@ def read_safetensors(path: str) -> dict:
     """name -> numpy array of one .safetensors file; bfloat16 becomes float32 (exactly).
 
     The arrays are ordinary writable copies in native byte order, not views of the file.
-    CheckpointError for a file that is not safetensors or whose header contradicts its size.
+    CheckpointError for a file that is not safetensors, whose header is malformed (checked entry
+    by entry before any tensor is read) or contradicts its size, or whose tensors would not fit
+    in this machine's memory.
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < n <= size - 8:
+        if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
             raise CheckpointError(f"{path} is not a safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
+        header = parse_json(f.read(n), f"{path}: the safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: the safetensors header is {kind(header)}, but it must be a JSON object"
+        )
     empty = size == 8 + n  # numpy cannot memory-map zero bytes
+    entries = {
+        name: _entry(path, name, info, size - 8 - n)
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    need = sum(
+        math.prod(shape) * (4 if dt == "BF16" else numpy.dtype(DTYPES[dt]).itemsize)
+        for dt, shape, _ in entries.values()
+    )
+    have = memory_limit()
+    if have is not None and need > have:
+        raise CheckpointError(f"{path} holds {gib(need)} of tensors, more than this machine's {gib(have)}")
     data = numpy.zeros(0, numpy.uint8) if empty else numpy.memmap(path, numpy.uint8, mode="r", offset=8 + n)
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dt = info.get("dtype")
-        if dt not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dt!r}; supported: {sorted(DTYPES)}")
-        shape, (start, end) = tuple(info["shape"]), info["data_offsets"]
-        np_dt = numpy.dtype(DTYPES[dt])
-        nbytes = int(numpy.prod(shape)) * np_dt.itemsize
-        if end - start != nbytes or end > data.size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has bytes [{start}, {end}) of {data.size}, "
-                f"but shape {list(shape)} of {dt} needs {nbytes}"
-            )
-        a = data[start:end].view(np_dt).reshape(shape)  # a view of the file, maybe unaligned
+    for name, (dt, shape, (start, end)) in entries.items():
+        a = (
+            data[start:end].view(numpy.dtype(DTYPES[dt])).reshape(shape)
+        )  # a view of the file, maybe unaligned
         if dt == "BF16":
             a = bf16_to_float32(a)
         out[name] = a.astype(a.dtype.newbyteorder("="))  # an aligned, native-order copy in memory
     return out
+
+
+def _entry(path, name, info, data_size: int):
+    """(dtype, shape, (start, end)) of one header entry, checked: an object with a known dtype, a
+    shape of integers >= 0, and offsets inside the data whose length fits the shape."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where} is described by {kind(info)}, but it must be a JSON object")
+    dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise CheckpointError(f"{where} has dtype {dt!r}; supported: {sorted(DTYPES)}")
+    if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
+        raise CheckpointError(f"{where} has shape {shape!r}; it must be a list of integers >= 0")
+    ok = isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+    if not (ok and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(
+            f"{where} has data_offsets {offsets!r}; they must be two integers 0 <= start <= end"
+        )
+    nbytes = math.prod(shape) * numpy.dtype(DTYPES[dt]).itemsize
+    start, end = offsets
+    if end - start != nbytes or end > data_size:
+        raise CheckpointError(
+            f"{where} has bytes [{start}, {end}) of {data_size}, but shape {list(shape)} of {dt} needs {nbytes}"
+        )
+    return dt, tuple(shape), (start, end)
 
 
 def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
@@ -116,14 +149,21 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
 
 def read_checkpoint(path: str) -> dict:
     """Every tensor of a folder's safetensors: the shards named by model.safetensors.index.json,
-    else every *.safetensors file in it. CheckpointError when there is none, or when the index
-    names a shard that does not hold the tensor."""
+    else every *.safetensors file in it. CheckpointError when there is none, when the index is
+    malformed or names a shard outside the folder, or names a shard that does not hold the tensor."""
     index = os.path.join(path, INDEX)
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = expect_object(read_json_file(index, index), index).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise CheckpointError(f"{index} has no 'weight_map' object of tensor name -> shard file name")
         tensors = {}
         for shard in sorted(set(weight_map.values())):
+            if (
+                os.path.basename(shard) != shard
+                or shard in ("", ".", "..")
+                or not os.path.isfile(os.path.join(path, shard))
+            ):
+                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {path}")
             part = read_safetensors(os.path.join(path, shard))
             missing = sorted(k for k, f in weight_map.items() if f == shard and k not in part)
             if missing:

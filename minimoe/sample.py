@@ -123,32 +123,47 @@ def generate(
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces to print as they arrive.
+    """Turns a growing list of token ids into text pieces to print as they arrive, in time linear
+    in the number of tokens (each push decodes a few recent ids, never all of them).
 
-    Decodes all new ids so far and emits what was not printed yet, holding back a trailing
-    U+FFFD (a byte-level BPE token that ends in the middle of a UTF-8 character) until the next
-    token completes it.
+    The printed text always ends at a point where decoding stopped cleanly ("read"); the ids
+    since then are decoded together with the piece printed before them ("prefix" .. "read"),
+    and what they add to it is the new piece:
+        piece = decode(ids[prefix:]) minus decode(ids[prefix:read])
+    Decoding with the earlier piece in front keeps what a tokenizer does at a word's start (e.g.
+    a SentencePiece leading space). A trailing U+FFFD (a byte-level BPE token that ends in the
+    middle of a UTF-8 character) is held back until the next token completes it; after MAX_HELD
+    such tokens (no UTF-8 character needs more than 4 bytes) the text is printed as it is.
+    For character and byte-level BPE tokenizers the pieces add up to decode(all ids) exactly.
     """
+
+    MAX_HELD = 8
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.printed = ""
+        self.prefix = self.read = 0  # ids[prefix:read] decoded to the last printed piece
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if text.endswith("\ufffd") and len(self.ids) - self.read < self.MAX_HELD:
             return ""
-        piece = text[len(self.printed) :]
-        self.printed = text
+        return self._emit(text[len(before) :])
+
+    def _emit(self, piece: str) -> str:
+        self.prefix, self.read = self.read, len(self.ids)
+        self.printed += piece
         return piece
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece = text[len(self.printed) :]
-        self.printed = text
-        return piece
+        """Whatever is still held back (an incomplete character at the very end)."""
+        if self.read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        return self._emit(self.tokenizer.decode(self.ids[self.prefix :])[len(before) :])
 
 
 def default_prompt_ids(tokenizer) -> list[int]:

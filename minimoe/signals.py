@@ -1,6 +1,7 @@
-"""Stopping a training run cleanly: the first Ctrl-C becomes a request that the loop checks
-between two steps (so a checkpoint is never taken from a half-done optimizer update); a second
-Ctrl-C interrupts at once.
+"""Stopping a training run cleanly: the first Ctrl-C (SIGINT) or SIGTERM (sent by `kill`,
+`timeout` and job schedulers) becomes a request that the loop checks between two steps (so a
+checkpoint is never taken from a half-done optimizer update); a second one acts at once.
+The command line then exits with 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM.
 
     with StopRequest() as stop:
         while step < max_iters:
@@ -22,7 +23,7 @@ class StopRequest:
 
     Signal handlers can only be set from the main thread; elsewhere this does nothing."""
 
-    SIGNALS = (signal.SIGINT,)  # one more signal here (e.g. signal.SIGTERM) is handled the same way
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)  # one more signal here is handled the same way
 
     def __init__(self, signals=None):
         self.signals = tuple(self.SIGNALS if signals is None else signals)

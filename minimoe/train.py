@@ -14,11 +14,16 @@ One step (B batch, T block size):
 The LM losses stay on the device as 0-d arrays and are copied to the host once per log
 interval (on a GPU every copy is a synchronisation). Every `eval_interval` steps and at the end
 the model is evaluated on the held-out split (the last 10% of the text) and OUT/ckpt.npz is
-written. Ctrl-C finishes the current step, saves a checkpoint and stops.
+written. Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and stops.
+
+What keeps a user's work safe is in docs/guarantees.md: one run per directory (minimoe.rundir),
+non-finite steps skipped and a diverged run stopped unsaved (minimoe.guards), metrics.jsonl kept
+consistent with ckpt.npz and no temporary file left behind (minimoe.rundir).
 
 Resuming (`resume=True`) restores parameters, AdamW moments and step count, the DeepSeek bias
 buffers, and the random generators of data sampling and of the model (dropout, router noise),
-so on the CPU a resumed run reproduces the uninterrupted run's losses bit for bit.
+so on the CPU a resumed run reproduces the uninterrupted run's losses bit for bit, and its
+reported averages too (the losses since the last metrics record travel in the checkpoint).
 Around the loop: minimoe.options (the options, their defaults and validation, resume merging),
 minimoe.metrics (what is measured and logged), minimoe.progress (the display) and
 minimoe.signals (the deferred Ctrl-C).
@@ -27,8 +32,8 @@ minimoe.signals (the deferred Ctrl-C).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,8 +42,9 @@ from typing import Optional
 
 import numpy as np
 
-from minimoe import backend, checkpoint, data
-from minimoe.metrics import estimate_loss, loss_summary, moe_stats, prepare_metrics_file, unigram_loss
+from minimoe import backend, checkpoint, data, guards
+from minimoe.guards import Diverged, DivergenceGuard
+from minimoe.metrics import MetricsLog, estimate_loss, loss_summary, moe_stats, unigram_loss
 from minimoe.model import GPT
 from minimoe.optim import AdamW, clip_grad_norm, cosine_lr
 from minimoe.options import (
@@ -51,6 +57,7 @@ from minimoe.options import (
 )
 from minimoe.presets import count_params
 from minimoe.progress import Progress, format_duration
+from minimoe.rundir import RunLock, after_save, open_metrics
 from minimoe.sample import sample_text
 from minimoe.signals import StopRequest
 from minimoe.tokenizer import BPETokenizer, CharTokenizer
@@ -65,58 +72,76 @@ def train(options=None, *, callback=None, quiet: bool = False, stream=None, **ov
     keyword overrides are applied on top; a value given always wins over the default and, when
     resuming, over the checkpoint's. callback(it, model) runs after every step (a test hook;
     raising KeyboardInterrupt there behaves like Ctrl-C). quiet: print nothing.
-    Raises a minimoe.errors.UserError (OptionError, DataError, CheckpointError, BackendError) for
-    bad inputs; a Ctrl-C returns normally with summary["interrupted"] = True.
+    Raises a minimoe.errors.UserError (OptionError, DataError, CheckpointError, BackendError,
+    RunLockError) for bad inputs; a Ctrl-C or SIGTERM returns normally with summary["interrupted"]
+    = True (summary["signal"] the signal's number), a divergence with summary["diverged"] = True.
     """
     o, ckpt = prepare(options, overrides)
     stream = stream or sys.stdout
     say = (lambda line: None) if quiet else (lambda line: print(line, file=stream, flush=True))
     backend.set_backend("cupy" if o.device == "gpu" else "numpy")
+    with RunLock(o.out) as lock:  # one run per directory, until this run ends
+        return _train(o, ckpt, lock.note, say, stream, callback, quiet)
+
+
+def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
+    """train()'s body, while this process owns the run directory."""
     run = Run.start(o, ckpt)
+    if note:
+        say(note)
     say(run.describe(resuming=ckpt is not None))
     if run.step >= o.max_iters:
         say(f"the checkpoint is already at step {run.step} >= --max-iters {o.max_iters}; raise it to go on")
 
     B, T = o.batch_size, run.model.config.block_size
     progress = Progress(o.max_iters, run.step, stream, enabled=not quiet)
-    pending = []  # LM losses (0-d device arrays) since the last log
     t_log, it_log = time.time(), run.step
     in_step = False
-    try:
-        with StopRequest() as stop, open(run.metrics_path, "a", encoding="utf-8") as metrics:
+    # NaN/inf are reported by the run's guard in one line each: numpy's warnings would repeat them
+    quiet_fp = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+    with StopRequest() as stop, run.open_metrics() as metrics, quiet_fp:
+        if run.cleaned:
+            say(run.cleaned)
+        try:
             while run.step < o.max_iters:
                 lr = cosine_lr(run.step, o.lr, o.warmup_iters, o.max_iters, o.min_lr)
                 xb, yb = data.get_batch(run.train_ids, B, T, run.data_rng)
                 in_step = True
-                pending.append(train_step(run.model, run.optimizer, xb, yb, lr, o.grad_clip))
+                loss = train_step(run.model, run.optimizer, xb, yb, lr, o.grad_clip, run.guard)
                 run.step += 1
                 in_step = False
+                if loss is None:  # not applied: the loss or gradient norm was not finite
+                    progress.write(run.guard.skipped_line(run.step))  # raises Diverged at the limit
+                else:
+                    run.pending.append(loss)
 
                 evaluate = run.step % o.eval_interval == 0 or run.step == o.max_iters
                 if run.step % o.log_interval == 0 or evaluate:
                     seconds = max(time.time() - t_log, 1e-9)
-                    rec = run.record(pending, lr, tokens_per_s=(run.step - it_log) * B * T / seconds)
-                    pending = []
+                    rec = run.record(lr, tokens_per_s=(run.step - it_log) * B * T / seconds)
                     if evaluate:
                         rec["val_loss"] = run.evaluate()
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    progress.log(rec)
+                    metrics.write(rec)
+                    if rec["train_loss_avg"] is not None:  # None: every step since the last was skipped
+                        progress.log(rec)
+                    warning = run.guard.loss_warning(rec)
+                    if warning:
+                        progress.write(warning)
                     if evaluate:
-                        path = run.save()
-                        progress.write(f"step {run.step}: train loss {rec['train_loss_avg']:.4f}, "
-                                       f"val loss {rec['val_loss']:.4f}; saved {path}")  # fmt: skip
+                        progress.write(run.checkpoint_line(rec["val_loss"]))  # saves, unless unsound
                     t_log, it_log = time.time(), run.step
                 progress.update(run.step)
                 if callback is not None:
                     callback(run.step, run.model)
                 if stop.requested:
+                    run.signal = stop.received
                     raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        progress.close()
-        run.model.train()  # an interrupted evaluation may have left it in eval mode
-        say(run.stop(in_step))
-        return run.summary(interrupted=True)
+        except (KeyboardInterrupt, Diverged) as e:
+            progress.close()
+            run.model.train()  # an interrupted evaluation may have left it in eval mode
+            diverged = isinstance(e, Diverged)
+            say(run.diverged(e) if diverged else run.stop(in_step))
+            return run.summary(interrupted=not diverged, diverged=diverged)
     progress.close()
 
     summary = run.summary(interrupted=False)
@@ -144,18 +169,26 @@ def prepare(options=None, overrides=None) -> tuple[TrainOptions, Optional[checkp
                 "train without --resume first, or point --out at the run's directory"
             )
         ckpt = checkpoint.load_checkpoint(out)
+        checkpoint.check_resumable(ckpt)
     o = resolve_options(given, saved=None if ckpt is None else ckpt.train_state.get("options", {}))
     check_options(o)
+    config = ckpt.config if ckpt else model_config(o, o.vocab_size if o.tokenizer == "bpe" else 256)
+    guards.check_training_memory(config, o.batch_size, o.dtype)  # before anything is built
     return o, ckpt
 
 
-def train_step(model, optimizer, xb, yb, lr: float, grad_clip: float):
+def train_step(model, optimizer, xb, yb, lr: float, grad_clip: float, guard=None):
     """One optimizer step on host batch (xb, yb) (B, T); returns the LM loss as a 0-d device array
-    (reading it would force a host/device synchronisation, so the caller decides when)."""
+    (reading it would force a host/device synchronisation, so the caller decides when).
+    With a guard (minimoe.guards.DivergenceGuard), a step whose loss or gradient norm is not
+    finite is not applied and None is returned; the check costs one host copy of two numbers."""
     model.forward(xb, yb)  # checks the ids on the host, then moves the batch to the device once
     model.backward()
-    if grad_clip > 0:
-        clip_grad_norm(model.grads, grad_clip)  # global L2 norm of all gradients <= grad_clip
+    norm = clip_grad_norm(model.grads, grad_clip) if grad_clip > 0 else None  # global L2 norm <= grad_clip
+    if guard is not None and not guard.step_ok(
+        model.stats["lm_loss"], guards.global_norm(model.grads) if norm is None else norm
+    ):
+        return None
     optimizer.step(model.grads, lr=lr)
     model.update_router_biases()  # DeepSeek-V3 selection bias; no-op for other routers
     return model.stats["lm_loss"]
@@ -165,7 +198,8 @@ def load_data(o: TrainOptions, block_size: int, tokenizer=None):
     """(tokenizer, train_ids, val_ids): the corpus o.data, tokenized (with a new o.tokenizer
     tokenizer unless one is given) and split: the last VAL_FRACTION is validation, and each
     part holds at least one window of block_size + 1 tokens."""
-    text = data.load_corpus(o.data)
+    mb = DEFAULTS.max_data_mb if o.max_data_mb is None else o.max_data_mb
+    text = data.load_corpus(o.data, max_bytes=int(mb * 2**20))
     if tokenizer is None:
         tokenizer = (
             CharTokenizer.from_text(text) if o.tokenizer == "char" else BPETokenizer.train(text, o.vocab_size)
@@ -176,6 +210,7 @@ def load_data(o: TrainOptions, block_size: int, tokenizer=None):
         raise data.DataError(
             f"the data {o.data!r} cannot be encoded with the checkpoint's tokenizer ({e})"
         ) from None
+    data.check_variety(ids, o.data)
     n, n_val, need = len(ids), int(round(len(ids) * VAL_FRACTION)), block_size + 1
     if min(n - n_val, n_val) < need:
         raise data.DataError(
@@ -208,6 +243,12 @@ class Run:
     earlier_s: float = 0.0  # wall time of the sessions before this one
     unigram: float = 0.0  # the loss of the best context-free model (the entropy of token frequencies)
     t0: float = dataclasses.field(default_factory=time.time)  # this session's start
+    guard: Optional[DivergenceGuard] = None
+    pending: list = dataclasses.field(default_factory=list)  # LM losses (0-d arrays) since the last record
+    best_step: Optional[int] = None
+    signal: Optional[int] = None  # the signal that stopped the run
+    cleaned: Optional[str] = None  # a note on the temporary files removed at start
+    metrics: Optional[MetricsLog] = None
 
     @classmethod
     def start(cls, o: TrainOptions, ckpt=None) -> Run:
@@ -225,6 +266,7 @@ class Run:
         optimizer = AdamW(model.params, lr=o.lr, weight_decay=o.weight_decay)
         run = cls(o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed))
         run.unigram = unigram_loss(train_ids, model.config.vocab_size)
+        run.guard = DivergenceGuard(o.max_bad_steps, model.config.vocab_size)
         if ckpt is not None:
             checkpoint.load_optimizer_state(ckpt, optimizer, model)
             checkpoint.set_rng_state(run.data_rng, ckpt.rng.get("data"))
@@ -234,9 +276,14 @@ class Run:
                 model.rng = backend.make_rng(o.seed + 1 + run.step, model.xp)
             run.last_train_loss, run.last_val_loss = ts.get("last_train_loss"), ts.get("last_val_loss")
             run.best_val_loss, run.earlier_s = ts.get("best_val_loss"), float(ts.get("elapsed_s", 0.0))
-        run.out.mkdir(parents=True, exist_ok=True)
-        prepare_metrics_file(run.metrics_path, run.step)
+            run.best_step, run.guard.skipped = ts.get("best_step"), ts.get("pending_skipped", 0)
+            run.pending = [model.xp.asarray(v, dtype=model.dtype) for v in ts.get("pending_losses", [])]
         return run
+
+    def open_metrics(self) -> MetricsLog:
+        """OUT/metrics.jsonl for this run's records (minimoe.rundir.open_metrics)."""
+        self.metrics, self.cleaned = open_metrics(self.out, self.step)
+        return self.metrics
 
     @property
     def out(self) -> Path:
@@ -266,14 +313,17 @@ class Run:
             f"unigram loss {self.unigram:.3f}"
         )
 
-    def record(self, pending: list, lr: float, tokens_per_s: float) -> dict:
+    def record(self, lr: float, tokens_per_s: float) -> dict:
         """The metrics line of this step: the LM losses kept on the device since the last record
         (copied to the host at once: one synchronisation), speed, time, and the MoE statistics."""
-        rec = {"step": self.step, **loss_summary(self.model, pending), "lr": lr, "tokens_per_s": tokens_per_s,
+        summary = loss_summary(self.model, self.pending, self.guard.skipped)
+        rec = {"step": self.step, **summary, "lr": lr, "tokens_per_s": tokens_per_s,
                "elapsed_s": self.elapsed(), "tokens": self.tokens}  # fmt: skip
         if self.model.config.n_experts:
             rec["moe"] = moe_stats(self.model)
-        self.last_train_loss = rec["train_loss_avg"]
+        self.pending, self.guard.skipped = [], 0
+        if rec["train_loss_avg"] is not None:
+            self.last_train_loss = rec["train_loss_avg"]
         return rec
 
     def evaluate(self) -> float:
@@ -283,11 +333,15 @@ class Run:
             self.model, self.val_ids, o.batch_size, self.model.config.block_size, o.eval_iters, o.seed
         )
         self.last_val_loss = val
-        self.best_val_loss = val if self.best_val_loss is None else min(self.best_val_loss, val)
+        if math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
+            self.best_val_loss, self.best_step = val, self.step
         return val
 
     def save(self) -> Path:
-        """Write OUT/ckpt.npz: weights, AdamW state, tokenizer, generators and the run's state."""
+        """Write OUT/ckpt.npz: weights, AdamW state, tokenizer, generators and the run's state
+        (with the losses since the last record, so that a resumed run reports the same averages).
+        Diverged when the weights are not finite: the checkpoint on disk is kept."""
+        pending = backend.to_numpy(self.model.xp.stack(self.pending)).tolist() if self.pending else []
         state = {
             "iteration": self.step,
             "best_val_loss": self.best_val_loss,
@@ -299,25 +353,60 @@ class Run:
             "options": dataclasses.asdict(self.o),
             "backend": backend.get_backend(),
             "params": count_params(self.model.config),
+            "best_step": self.best_step,
+            "pending_losses": pending,
+            "pending_skipped": self.guard.skipped,
         }
         rngs = {"data": self.data_rng, "model": self.model.rng}
-        path = checkpoint.save_checkpoint(self.out, self.model, self.optimizer, self.tokenizer, state, rngs)
+        try:
+            path = checkpoint.save_checkpoint(
+                self.out, self.model, self.optimizer, self.tokenizer, state, rngs
+            )
+        except checkpoint.NonFiniteError as e:
+            raise Diverged(f"stopped at step {self.step}: the model diverged ({e})") from None
         self.saved_at = self.step
+        after_save(self.out, path, self.metrics, best=self.o.keep_best and self.best_step == self.step)
         return path
 
-    def stop(self, in_step: bool) -> str:
-        """After Ctrl-C: save unless the checkpoint is up to date; the line that says so."""
-        if in_step:  # only a second Ctrl-C lands inside a step: the weights are half updated
-            kept = "no checkpoint was saved"
-            if self.saved_at is not None:
-                kept = f"the step-{self.saved_at} checkpoint is kept"
-            return f"interrupted in the middle of step {self.step + 1}; {kept}"
-        if self.saved_at != self.step:
-            path = self.save()
-            return f"interrupted at step {self.step}: checkpoint saved to {path}; continue with --resume --out {self.out}"
-        return f"interrupted at step {self.step}: checkpoint {checkpoint.checkpoint_path(self.out)} is up to date"
+    def unsound(self, val: float = 0.0) -> Optional[str]:
+        """Why the model must not replace the checkpoint on disk now (None: it may)."""
+        if self.guard.in_row:
+            return "its last step had a non-finite loss or gradient"
+        return None if math.isfinite(val) else f"its validation loss is {val}"
 
-    def summary(self, interrupted: bool) -> dict:
+    def checkpoint_line(self, val: float) -> str:
+        """At an evaluation: save unless the model is unsound; the line that says which."""
+        head = f"step {self.step}: train loss {self.last_train_loss or math.nan:.4f}, val loss {val:.4f}"
+        why = self.unsound(val)
+        return f"{head}; not saved: {why}; {self.kept()}" if why else f"{head}; saved {self.save()}"
+
+    def kept(self) -> str:
+        """Which checkpoint the run leaves, when it stops without saving."""
+        if self.saved_at is None:
+            return "no checkpoint was saved"
+        return f"the step-{self.saved_at} checkpoint {checkpoint.checkpoint_path(self.out)} is kept"
+
+    def stop(self, in_step: bool) -> str:
+        """After Ctrl-C or SIGTERM: save unless the checkpoint is up to date; the line that says so."""
+        what = "terminated by SIGTERM" if self.signal == signal.SIGTERM else "interrupted"
+        if in_step:  # only a second Ctrl-C lands inside a step: the weights are half updated
+            return f"{what} in the middle of step {self.step + 1}; {self.kept()}"
+        if self.saved_at != self.step:
+            why = self.unsound()
+            if why is None:
+                try:
+                    path = self.save()
+                    return f"{what} at step {self.step}: checkpoint saved to {path}; continue with --resume --out {self.out}"
+                except Diverged:
+                    why = "its weights are not finite"
+            return f"{what} at step {self.step}: nothing was saved ({why}); {self.kept()}"
+        return f"{what} at step {self.step}: checkpoint {checkpoint.checkpoint_path(self.out)} is up to date"
+
+    def diverged(self, e: Diverged) -> str:
+        """The line that ends a diverged run."""
+        return f"{e}; {self.kept()}"
+
+    def summary(self, interrupted: bool, diverged: bool = False) -> dict:
         return {
             "iterations": self.step,
             "max_iters": self.o.max_iters,
@@ -334,5 +423,7 @@ class Run:
             "metrics": str(self.metrics_path),
             "params": count_params(self.model.config),
             "interrupted": interrupted,
+            "signal": self.signal,
+            "diverged": diverged,
             "sample": None,
         }

@@ -13,6 +13,7 @@ import re
 
 from minimoe.config import Config
 from minimoe.errors import ConfigError
+from minimoe.filecheck import is_int, is_number
 from minimoe.model import GPT
 
 MODEL_TYPES = ("gpt2", "mixtral")
@@ -54,6 +55,51 @@ MIXTRAL_ALSO = {"ffn_hidden": "intermediate_size"}
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 
 
+# The type of each config.json field read outside the tables above (a table's default gives the
+# type of its field: bool, float -> a number, None -> an integer or null, else an integer).
+OTHER_FIELD_TYPES = {
+    **dict.fromkeys(("n_inner", "head_dim", "sliding_window"), "int?"),
+    **dict.fromkeys(("activation_function", "hidden_act"), "str"),
+    **dict.fromkeys(("rope_scaling", "rope_parameters"), "dict?"),
+    **dict.fromkeys(
+        ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "router_jitter_noise"), "num"
+    ),
+    **dict.fromkeys(("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention"), "bool"),
+    **dict.fromkeys(("attention_bias", "mlp_bias"), "bool"),
+}
+TYPE_CHECKS = {
+    "int": (is_int, "an integer"),
+    "int?": (lambda v: v is None or is_int(v), "an integer or null"),
+    "num": (is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "dict?": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+}
+
+
+def check_field_types(cfg: dict, table: dict) -> None:
+    """ConfigError naming the first field of config.json whose JSON type is wrong (a list where a
+    number belongs, ...), so that no later arithmetic on it can fail with a TypeError."""
+    want = {
+        theirs: "bool"
+        if isinstance(d, bool)
+        else "num"
+        if isinstance(d, float)
+        else "int?"
+        if d is None
+        else "int"
+        for theirs, d in table.values()
+    }
+    want.update(OTHER_FIELD_TYPES)
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and not is_number(rope["rope_theta"]):
+        _fail("rope_parameters.rope_theta", rope["rope_theta"], "it must be a finite number")
+    for field, t in want.items():
+        ok, valid = TYPE_CHECKS[t]
+        if field in cfg and not ok(cfg[field]):
+            _fail(field, cfg[field], f"it must be {valid}")
+
+
 def _fail(field, value, valid):
     raise ConfigError(f"hf_config[{field!r}] = {value!r} cannot be represented in minimoe: {valid}")
 
@@ -84,6 +130,7 @@ def config_from_hf(hf_config: dict, training: bool = False) -> Config:
     kind = cfg.get("model_type")
     if kind not in MODEL_TYPES:
         raise ConfigError(f"hf_config['model_type'] = {kind!r} is not supported; valid: {MODEL_TYPES}")
+    check_field_types(cfg, GPT2_FIELDS if kind == "gpt2" else MIXTRAL_FIELDS)
     kw = _gpt2_config(cfg, training) if kind == "gpt2" else _mixtral_config(cfg, training)
     try:
         return Config(name=str(cfg.get("_name_or_path") or kind), **kw)

@@ -20,6 +20,8 @@ import numpy
 
 from minimoe import backend
 from minimoe.errors import CheckpointError
+from minimoe.filecheck import expect_object, read_json_file
+from minimoe.guards import check_fits, weights_bytes
 from minimoe.hf.config import config_from_hf, family, hf_config_from
 from minimoe.hf.names import IGNORED, fuse, name_map, to_ours, to_theirs, unfuse, with_gpt2_prefix
 from minimoe.model import GPT
@@ -147,7 +149,18 @@ def load_tokenizer(path: str, hf_config: dict | None = None):
         return None
     eos = (hf_config or {}).get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    return HFTokenizer(tokenizers.Tokenizer.from_file(file), eos)
+    expect_object(read_json_file(file, file), file)  # bounded, and an object, before the parser sees it
+    try:
+        tok = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # the tokenizers package raises a plain Exception for a file it cannot parse
+        raise CheckpointError(
+            f"{file} is not a tokenizer the tokenizers package can read ({_one_line(e)})"
+        ) from None
+    return HFTokenizer(tok, eos)
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 def load_pretrained(path: str, dtype: str = "float32", training: bool = False):
@@ -159,9 +172,16 @@ def load_pretrained(path: str, dtype: str = "float32", training: bool = False):
         raise CheckpointError(
             f"{path!r} is not a local model folder with a config.json (nothing is downloaded)"
         )
-    with open(cfg_file, encoding="utf-8") as f:
-        hf_config = json.load(f)
-    config_from_hf(hf_config, training)  # refuse a config we cannot represent before reading the weights
+    hf_config = expect_object(read_json_file(cfg_file, cfg_file), cfg_file)
+    config = config_from_hf(
+        hf_config, training
+    )  # refuse a config we cannot represent before reading the weights
+    check_fits(
+        {"parameters (file and model)": weights_bytes(config, dtype, copies=2)},
+        f"the model of {cfg_file}",
+        CheckpointError,
+        "this machine cannot load it",
+    )
     model = from_hf(read_checkpoint(str(path)), hf_config, dtype=dtype, training=training)
     return model, load_tokenizer(str(path), hf_config)
 

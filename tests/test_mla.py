@@ -491,10 +491,7 @@ def _parity(torch, transformers, q_lora_rank, rope_interleave, patched):
     w, hf_grad = _ours_from_hf(attn, q_lora_rank, rope_interleave)
     B, T, H = 2, 7, PARITY["num_attention_heads"]
     rng = np.random.default_rng(1)
-    x, dy = (
-        rng.standard_normal((B, T, PARITY["hidden_size"])),
-        rng.standard_normal((B, T, PARITY["hidden_size"])),
-    )
+    x, dy = (rng.standard_normal((B, T, PARITY["hidden_size"])) for _ in range(2))  # host: torch reads them
     cos, sin = rope_tables(T, PARITY["qk_rope_head_dim"], PARITY["rope_theta"], xp=np, dtype="float64")
     if patched:  # our float64 tables, as transformers lays them out: [angles | angles]
         pos_emb = tuple(torch.from_numpy(np.concatenate([a, a], -1))[None] for a in (cos, sin))

@@ -65,9 +65,8 @@ def _rmsnorm(rng):
 
 def _gelu(approximate):
     def build(rng):
-        x = asarray(
-            np.concatenate([rng.standard_normal(12) * 2.0, np.linspace(-6.0, 6.0, 13)])
-        )  # both erf branches
+        x = np.concatenate([rng.standard_normal(12) * 2.0, np.linspace(-6.0, 6.0, 13)])  # both erf branches
+        x = asarray(x)
         return (lambda x: activation.gelu_forward(x, approximate)), activation.gelu_backward, [x], None
 
     return build

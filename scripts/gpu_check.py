@@ -90,9 +90,11 @@ def _pytest(label, args, env, timeout):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *args]
     print(f"[{label}] {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
-    # a session of its own, so that a timeout ends pytest-xdist's workers too
+    # a session of its own, so that a timeout ends pytest-xdist's workers too; Ctrl-C's default
+    # action back (a shell's background job ignores SIGINT, and the signal tests need it)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=timeout)
         rc = proc.returncode
@@ -107,7 +109,7 @@ def _pytest(label, args, env, timeout):
     if rc == "timeout":  # count the progress characters printed so far
         dots = "".join(ln.split(" [")[0] for ln in lines if re.fullmatch(r"[.FEsxX]+( +\[ *\d+%\])?", ln))
         summary = f"cut short after {timeout} s: {dots.count('.')} passed, {dots.count('F')} failed so far"
-    failed = [ln.split(" - ")[0] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    failed = [ln.split(" - ")[0].split(" ", 1)[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
     result = dict(label=label, returncode=rc, summary=summary or "(no summary)", failed=failed,
                   seconds=round(time.time() - t0, 1))  # fmt: skip
     print(f"[{label}] {result['summary']} in {result['seconds']} s", flush=True)

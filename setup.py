@@ -42,6 +42,10 @@ setup(
             "build",
             "setuptools>=70.1",
         ],
+        # Training on P processes (`mpiexec -n P python -m minimoe train`, docs/distributed.md):
+        # mpi4py and an MPI from the package index (the MPICH wheel; Intel MPI's on Windows, where
+        # there is none). A cluster's own MPI works too: then install mpi4py alone.
+        "dist": ["mpi4py>=4", "mpich; sys_platform != 'win32'", "impi-rt; sys_platform == 'win32'"],
         # Only for comparisons (parity tests, `minimoe bench --vs-torch`); never needed to train.
         "hf": ["safetensors", "tokenizers"],
         "compare": ["torch", "transformers", "safetensors"],

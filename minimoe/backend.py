@@ -106,6 +106,13 @@ def to_device(a, xp=None, dtype=None):
     return xp.asarray(a, dtype=dtype)
 
 
+def synchronize(a) -> None:
+    """Wait until the device has finished the work queued for array a (no-op for numpy): needed
+    before a library outside CuPy reads device memory directly (a CUDA-aware MPI)."""
+    if is_cupy_array(a):
+        xp_of(a).cuda.get_current_stream().synchronize()
+
+
 def make_rng(seed, xp=None):
     """A random Generator of the backend's own library (so random numbers are made on the device)."""
     xp = xp or get_xp()

@@ -23,10 +23,19 @@ import signal
 import sys
 from pathlib import Path
 
-from minimoe import analysis, backend, bench, hf, info
+from minimoe import analysis, backend, bench, dist, hf, info
 from minimoe.checkpoint import load_checkpoint, load_model
 from minimoe.errors import UserError
-from minimoe.options import DEFAULTS, DEVICES, FIELDS, TOKENIZERS, TrainOptions, check_int, check_number
+from minimoe.options import (
+    DEFAULTS,
+    DEVICES,
+    FIELDS,
+    PARALLEL,
+    TOKENIZERS,
+    TrainOptions,
+    check_int,
+    check_number,
+)
 from minimoe.presets import PRESETS, get_preset, toy_presets
 from minimoe.sample import StreamDecoder, default_prompt_ids, generate
 from minimoe.train import train
@@ -72,6 +81,12 @@ def _add_train_args(p):
     a("--n-embd", type=int, metavar="C", help="(default: the preset's)")
     a("--n-experts", type=int, metavar="E", help="experts per MoE layer, 0 = dense (default: the preset's)")
     a("--top-k", type=int, metavar="K", help="experts per token (default: the preset's)")
+    a(
+        "--capacity-groups",
+        type=int,
+        metavar="G",
+        help="apply the capacity per group of B*T/G tokens, as G ranks do (default: the preset's, 1)",
+    )
     a("--dropout", type=float, metavar="P", help="dropout probability (default: the preset's, 0)")
     a("--lr", type=float, help=f"peak learning rate (default {d('lr')})")
     a("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
@@ -95,6 +110,12 @@ def _add_train_args(p):
         type=int,
         metavar="N",
         help=f"tokens sampled at the end (default {d('sample_tokens')})",
+    )
+    a(
+        "--parallel",
+        choices=PARALLEL,
+        help="under mpiexec: data (every rank holds the whole model), expert (each rank holds E/P "
+        "experts of each MoE layer) or auto (default: expert when the experts split evenly, else data)",
     )
     _add_guard_args(a, d)
 
@@ -150,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", metavar="NAME", help=f"one of {', '.join(PRESETS)}")
     src.add_argument("--ckpt", metavar="PATH", help="run directory or ckpt.npz")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("the cost of expert parallelism (docs/distributed.md)")
+    g.add_argument("--expert-parallel", type=int, metavar="P", help="the experts spread over P devices")
+    g.add_argument("--tokens", type=int, metavar="T", help="tokens per device per step (default: block_size)")
+    g.add_argument("--bytes", type=int, default=2, metavar="N", help="bytes per activation (default 2: bf16)")
+    hw = info.Hardware()
+    g.add_argument(
+        "--tflops", type=float, default=hw.tflops, help=f"achieved TFLOP/s per device ({hw.tflops:g})"
+    )
+    g.add_argument(
+        "--node-gbs", type=float, default=hw.node_gbs, help=f"GB/s inside a node ({hw.node_gbs:g})"
+    )
+    g.add_argument(
+        "--network-gbs", type=float, default=hw.network_gbs, help=f"GB/s between nodes ({hw.network_gbs:g})"
+    )
+    g.add_argument(
+        "--devices-per-node", type=int, default=hw.devices_per_node, metavar="N", help="(default 8)"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("routes", help="which experts each token of a text goes to")
@@ -241,7 +279,19 @@ def cmd_info(args) -> int:
     else:
         ckpt = load_checkpoint(args.ckpt)
         d = info.info_dict(ckpt.config, info.training_summary(ckpt))
-    print(json.dumps(d, indent=2) if args.json else info.format_info(d, from_preset=args.preset is not None))
+    text = info.format_info(d, from_preset=args.preset is not None)
+    if args.expert_parallel is not None:
+        config = info.Config.from_dict(d["config"])
+        tokens = config.block_size if args.tokens is None else args.tokens
+        check_int("tokens", tokens, lo=1)
+        check_int("bytes", args.bytes, lo=1)
+        check_int("devices_per_node", args.devices_per_node, lo=1)
+        for name in ("tflops", "node_gbs", "network_gbs"):
+            check_number(name, getattr(args, name), strict=True)
+        hw = info.Hardware(args.tflops, args.node_gbs, args.network_gbs, args.devices_per_node)
+        d["expert_parallel"] = info.expert_parallel_cost(config, args.expert_parallel, tokens, args.bytes, hw)
+        text += "\n" + info.format_cost(d["expert_parallel"])
+    print(json.dumps(d, indent=2) if args.json else text)
     return 0
 
 
@@ -300,7 +350,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except UserError as e:  # the CLI boundary: user mistakes become one line, never a traceback
         sys.stdout.flush()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        if dist.is_rank0():  # under mpiexec every rank has the same error: rank 0 says it once
+            print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. `minimoe sample | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

@@ -65,6 +65,7 @@ class Config:
     router: str = "softmax"  # see ROUTERS
     renormalize: bool = True  # softmax top-k: renormalise over the chosen K (Mixtral) or not (Switch)
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(cf * N * K / E) slots
+    capacity_groups: int = 1  # GShard groups: N tokens in G equal contiguous groups, capacity per group
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
     z_loss_coef: float = 0.0  # ST-MoE router z-loss weight
     bias_update_rate: float = 1e-3  # DeepSeek-V3 selection-bias step (router="sigmoid_bias")
@@ -145,6 +146,11 @@ class Config:
             need(self.n_shared_experts >= 0, "n_shared_experts", "it must be >= 0")
             need(self.router in ROUTERS, "router", f"it must be one of {ROUTERS}")
             need(self.capacity_factor >= 0, "capacity_factor", "it must be >= 0 (0 = dropless)")
+            need(
+                isinstance(self.capacity_groups, int) and self.capacity_groups >= 1,
+                "capacity_groups",
+                "it must be an integer >= 1",
+            )
             need(self.aux_loss_coef >= 0, "aux_loss_coef", "it must be >= 0")
             need(self.z_loss_coef >= 0, "z_loss_coef", "it must be >= 0")
         self._validate_mla(need)

@@ -25,7 +25,7 @@ import numpy
 
 from minimoe import backend
 from minimoe.config import Config
-from minimoe.layers import attention, ffn, mla, moe
+from minimoe.layers import attention, exchange, ffn, mla, moe
 from minimoe.ops import dropout, embedding, linear, loss, norm
 from minimoe.ops.attention import rope_tables
 
@@ -134,6 +134,9 @@ class GPT:
             )
         self._cache = None
         self.stats: dict = {}
+        # P ranks (a layers.exchange.Group set by minimoe.dist; None in one process): forward() then
+        # takes the GLOBAL batch, computes this rank's rows, and returns the global batch's loss
+        self.group, self._lm_share = None, 1.0  # _lm_share: this rank's counted tokens / all ranks'
 
     # ------------------------------------------------------------------ utilities
     def train(self):
@@ -180,6 +183,9 @@ class GPT:
         """
         c, p, xp = self.config, self.params, self.xp
         self._check_idx(idx)  # on the host when idx comes from the host (no device sync)
+        if self.group is not None:  # this rank's share of the global batch (minimoe.dist)
+            idx = self.group.local_rows(idx)
+            targets = None if targets is None else self.group.local_rows(targets)
         if not backend.is_cupy_array(idx) and xp is not numpy:
             idx = xp.asarray(idx)  # the batch moves to the device once
         B, T = idx.shape
@@ -225,6 +231,8 @@ class GPT:
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {idx.shape}, got {targets.shape}")
         lm_loss, caches["loss"] = loss.cross_entropy_forward(logits, targets)
+        if self.group is not None:  # the mean over every rank's counted tokens
+            lm_loss, self._lm_share = exchange.global_mean(lm_loss, caches["loss"].valid.sum(), self.group)
         total = lm_loss
         if c.n_experts > 0:
             aux_total = sum((st["aux_loss"] for st in self.stats["layers"]), 0.0)
@@ -263,7 +271,9 @@ class GPT:
         c, pre = self.config, f"blocks.{i}."
         if not c.is_moe_block(i):
             return ffn.ffn_forward(c, h, self.params, pre + "mlp.")
-        m, cache, st = moe.moe_forward(c, h, self.params, self.buffers, pre + "moe.", self.rng, train)
+        m, cache, st = moe.moe_forward(
+            c, h, self.params, self.buffers, pre + "moe.", self.rng, train, self.group
+        )
         st["layer"] = i
         self.stats["layers"].append(st)
         return m, cache
@@ -302,7 +312,7 @@ class GPT:
         c, p, caches = self.config, self.params, self._cache
         g = self.grads = {}  # filled by the helpers below, then put in the order of self.params
 
-        dlogits = loss.cross_entropy_backward(1.0, caches["loss"])
+        dlogits = loss.cross_entropy_backward(self._lm_share, caches["loss"])
         dx, dhead, _ = linear.linear_backward(dlogits, caches["head"])
         if c.tie_embeddings:
             dwte_head = dhead.T  # the head is wte^T: its gradient joins the embedding's below

@@ -67,6 +67,7 @@ def check_choice(name: str, value, choices) -> None:
 # --------------------------------------------------------------------------------- minimoe train
 TOKENIZERS = ("char", "bpe")
 DEVICES = ("cpu", "gpu")
+PARALLEL = ("auto", "data", "expert")  # how P ranks share the work (minimoe.dist)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainOptions:
     n_embd: Optional[int] = None
     n_experts: Optional[int] = None
     top_k: Optional[int] = None
+    capacity_groups: Optional[int] = None
     dropout: Optional[float] = None
     lr: Optional[float] = None
     min_lr: Optional[float] = None
@@ -101,6 +103,7 @@ class TrainOptions:
     dtype: Optional[str] = None
     resume: Optional[bool] = None
     sample_tokens: Optional[int] = None
+    parallel: Optional[str] = None
     max_bad_steps: Optional[int] = None
     keep_best: Optional[bool] = None
     max_data_mb: Optional[float] = None
@@ -128,15 +131,28 @@ DEFAULTS = TrainOptions(
     dtype="float32",
     resume=False,
     sample_tokens=200,  # printed at the end; 0: none
+    parallel="auto",  # under MPI: expert when the experts split evenly over the ranks, else data
     max_bad_steps=3,  # stop after this many steps in a row with a non-finite loss/gradient
     keep_best=False,  # also keep OUT/best.npz, the checkpoint of the best validation loss
     max_data_mb=256,  # refuse a --data file larger than this (MB)
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 # The model flags override the preset's Config fields of the same names.
-MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "n_experts", "top_k", "dropout")
+MODEL_FLAGS = (
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_experts",
+    "top_k",
+    "capacity_groups",
+    "dropout",
+)
 # A checkpoint's model is fixed: these may not change when resuming.
 LOCKED_ON_RESUME = ("preset", "tokenizer", "vocab_size", *MODEL_FLAGS, "dtype")
+# Options of one session, not of the run: never taken from the checkpoint being resumed
+# (a run saved by 4 expert-parallel ranks resumes in one process, or on 2 ranks, as data parallel).
+SESSION_ONLY = ("parallel",)
 
 
 def given_options(options) -> dict:
@@ -162,7 +178,7 @@ def resolve_options(given: dict, saved: dict | None = None) -> TrainOptions:
     value than the checkpoint's is an OptionError."""
     merged = dataclasses.asdict(DEFAULTS)
     if saved is not None:
-        saved = {k: v for k, v in saved.items() if k in FIELDS}
+        saved = {k: v for k, v in saved.items() if k in FIELDS and k not in SESSION_ONLY}
         for k in LOCKED_ON_RESUME:
             if k in given and k in saved and given[k] != saved[k]:
                 raise OptionError(
@@ -191,6 +207,7 @@ def check_options(o: TrainOptions) -> None:
     check_choice("tokenizer", o.tokenizer, TOKENIZERS)
     check_choice("device", o.device, DEVICES)
     check_choice("dtype", o.dtype, backend.DTYPES)
+    check_choice("parallel", o.parallel, PARALLEL)
     check_int("vocab_size", o.vocab_size, lo=256)  # the 256 byte tokens of BPE come first
     for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval"):
         check_int(name, getattr(o, name), lo=1)

@@ -24,6 +24,10 @@ Resuming (`resume=True`) restores parameters, AdamW moments and step count, the 
 buffers, and the random generators of data sampling and of the model (dropout, router noise),
 so on the CPU a resumed run reproduces the uninterrupted run's losses bit for bit, and its
 reported averages too (the losses since the last metrics record travel in the checkpoint).
+Under an MPI launcher (`mpiexec -n P python -m minimoe train ...`) P ranks train the model the
+one-process run trains, data- or expert-parallel: see minimoe.dist. Rank 0 holds the run lock,
+writes the metrics and checkpoints; every decision (stop, skip a step, diverged) is the same on
+every rank, since the ranks see the same global losses and gradient norms.
 Around the loop: minimoe.options (the options, their defaults and validation, resume merging),
 minimoe.metrics (what is measured and logged), minimoe.progress (the display) and
 minimoe.signals (the deferred Ctrl-C).
@@ -42,7 +46,7 @@ from typing import Optional
 
 import numpy as np
 
-from minimoe import backend, checkpoint, data, guards
+from minimoe import backend, checkpoint, data, dist, guards
 from minimoe.guards import Diverged, DivergenceGuard
 from minimoe.metrics import MetricsLog, estimate_loss, loss_summary, moe_stats, unigram_loss
 from minimoe.model import GPT
@@ -76,17 +80,29 @@ def train(options=None, *, callback=None, quiet: bool = False, stream=None, **ov
     RunLockError) for bad inputs; a Ctrl-C or SIGTERM returns normally with summary["interrupted"]
     = True (summary["signal"] the signal's number), a divergence with summary["diverged"] = True.
     """
-    o, ckpt = prepare(options, overrides)
-    stream = stream or sys.stdout
-    say = (lambda line: None) if quiet else (lambda line: print(line, file=stream, flush=True))
-    backend.set_backend("cupy" if o.device == "gpu" else "numpy")
-    with RunLock(o.out) as lock:  # one run per directory, until this run ends
-        return _train(o, ckpt, lock.note, say, stream, callback, quiet)
+    w, lock = dist.world(), None  # w: None in one process
+    try:
+        with dist.together(w):  # a set-up error on any rank stops every rank
+            o, ckpt = prepare(options, overrides)
+            backend.set_backend("cupy" if o.device == "gpu" else "numpy")
+            if w is None or w.root:  # one run per directory, until this run ends (rank 0's for all)
+                lock = RunLock(o.out).acquire()
+            run = Run.start(o, ckpt, w)
+        quiet = quiet or (w is not None and not w.root)  # rank 0 alone prints
+        say = (
+            (lambda line: None)
+            if quiet
+            else (lambda line: print(line, file=stream or sys.stdout, flush=True))
+        )
+        return _train(run, ckpt, lock and lock.note, say, stream or sys.stdout, callback, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
-    """train()'s body, while this process owns the run directory."""
-    run = Run.start(o, ckpt)
+def _train(run, ckpt, note, say, stream, callback, quiet) -> dict:
+    """train()'s body, while this process (rank 0 for all ranks) owns the run directory."""
+    o, w = run.o, run.world
     if note:
         say(note)
     say(run.describe(resuming=ckpt is not None))
@@ -99,15 +115,16 @@ def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
     in_step = False
     # NaN/inf are reported by the run's guard in one line each: numpy's warnings would repeat them
     quiet_fp = np.errstate(over="ignore", invalid="ignore", divide="ignore")
-    with StopRequest() as stop, run.open_metrics() as metrics, quiet_fp:
+    with StopRequest() as stop, run.open_metrics() as metrics, quiet_fp, \
+            dist.guard(w, agreed=(KeyboardInterrupt, Diverged)), dist.Watchdog(w) as watchdog:  # fmt: skip
         if run.cleaned:
             say(run.cleaned)
         try:
             while run.step < o.max_iters:
                 lr = cosine_lr(run.step, o.lr, o.warmup_iters, o.max_iters, o.min_lr)
-                xb, yb = data.get_batch(run.train_ids, B, T, run.data_rng)
+                xb, yb = data.get_batch(run.train_ids, B, T, run.data_rng)  # the global batch
                 in_step = True
-                loss = train_step(run.model, run.optimizer, xb, yb, lr, o.grad_clip, run.guard)
+                loss = train_step(run.model, run.optimizer, xb, yb, lr, o.grad_clip, run.guard, w)
                 run.step += 1
                 in_step = False
                 if loss is None:  # not applied: the loss or gradient norm was not finite
@@ -133,10 +150,13 @@ def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
                 progress.update(run.step)
                 if callback is not None:
                     callback(run.step, run.model)
-                if stop.requested:
+                watchdog.beat()
+                if stop.requested if w is None else w.any(stop.requested):  # all ranks stop together
                     run.signal = stop.received
                     raise KeyboardInterrupt
         except (KeyboardInterrupt, Diverged) as e:
+            if w is not None and in_step:  # on this rank alone, mid-step: the others cannot follow
+                w.abort(e)
             progress.close()
             run.model.train()  # an interrupted evaluation may have left it in eval mode
             diverged = isinstance(e, Diverged)
@@ -148,9 +168,10 @@ def _train(o, ckpt, note, say, stream, callback, quiet) -> dict:
     if run.step > run.start_step:
         say(f"done: {run.step} steps in {format_duration(summary['session_s'])}; train loss "
             f"{summary['train_loss']:.4f}, val loss {summary['val_loss']:.4f} (unigram {run.unigram:.4f})")  # fmt: skip
-    if o.sample_tokens:
+    model = run.model if w is None else w.standalone_model(run.model, o.seed) if o.sample_tokens else None
+    if o.sample_tokens and model is not None:  # on rank 0 alone, from the whole model
         say("--- sample ---")
-        summary["sample"] = sample_text(run.model, run.tokenizer, "", o.sample_tokens, temperature=0.8,
+        summary["sample"] = sample_text(model, run.tokenizer, "", o.sample_tokens, temperature=0.8,
                                         seed=o.seed, stream=None if quiet else stream)  # fmt: skip
         say("")
     return summary
@@ -177,16 +198,23 @@ def prepare(options=None, overrides=None) -> tuple[TrainOptions, Optional[checkp
     return o, ckpt
 
 
-def train_step(model, optimizer, xb, yb, lr: float, grad_clip: float, guard=None):
+def train_step(model, optimizer, xb, yb, lr: float, grad_clip: float, guard=None, world=None):
     """One optimizer step on host batch (xb, yb) (B, T); returns the LM loss as a 0-d device array
     (reading it would force a host/device synchronisation, so the caller decides when).
     With a guard (minimoe.guards.DivergenceGuard), a step whose loss or gradient norm is not
-    finite is not applied and None is returned; the check costs one host copy of two numbers."""
+    finite is not applied and None is returned; the check costs one host copy of two numbers.
+    world: the dist.World of a P-rank run (xb, yb: the global batch, the same on every rank); the
+    loss and the norm are then the global ones, so every rank takes the same decision."""
     model.forward(xb, yb)  # checks the ids on the host, then moves the batch to the device once
     model.backward()
-    norm = clip_grad_norm(model.grads, grad_clip) if grad_clip > 0 else None  # global L2 norm <= grad_clip
+    if world is not None:
+        world.reduce_gradients(model.grads)  # sum over the ranks: the global batch's gradient
+    clip, norm_of = (
+        (clip_grad_norm, guards.global_norm) if world is None else (world.clip_grad_norm, world.grad_norm)
+    )
+    norm = clip(model.grads, grad_clip) if grad_clip > 0 else None  # global L2 norm <= grad_clip
     if guard is not None and not guard.step_ok(
-        model.stats["lm_loss"], guards.global_norm(model.grads) if norm is None else norm
+        model.stats["lm_loss"], norm_of(model.grads) if norm is None else norm
     ):
         return None
     optimizer.step(model.grads, lr=lr)
@@ -249,15 +277,20 @@ class Run:
     signal: Optional[int] = None  # the signal that stopped the run
     cleaned: Optional[str] = None  # a note on the temporary files removed at start
     metrics: Optional[MetricsLog] = None
+    world: Optional[dist.World] = None  # the ranks of a P-rank run (None in one process)
 
     @classmethod
-    def start(cls, o: TrainOptions, ckpt=None) -> Run:
-        """A new run from the options, or the checkpoint's run restored exactly."""
+    def start(cls, o: TrainOptions, ckpt=None, world=None) -> Run:
+        """A new run from the options, or the checkpoint's run restored exactly; with a world,
+        this rank's part of it (resumable under any number of ranks)."""
         if ckpt is None:
             config = model_config(o, vocab_size=256)  # judges the model flags before the slow data work
             tokenizer = None
         else:
             config, tokenizer = ckpt.config, checkpoint.load_tokenizer(ckpt)
+        if world is not None:
+            dist.check_layout(o.batch_size, world.size)
+            mode = dist.choose_mode(config, world.size, o.parallel)
         tokenizer, train_ids, val_ids = load_data(o, config.block_size, tokenizer)
         if ckpt is None:
             model = GPT(model_config(o, tokenizer.vocab_size), seed=o.seed, dtype=o.dtype)
@@ -265,6 +298,7 @@ class Run:
             model = checkpoint.build_model(ckpt, o.dtype)
         optimizer = AdamW(model.params, lr=o.lr, weight_decay=o.weight_decay)
         run = cls(o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed))
+        run.world = world
         run.unigram = unigram_loss(train_ids, model.config.vocab_size)
         run.guard = DivergenceGuard(o.max_bad_steps, model.config.vocab_size)
         if ckpt is not None:
@@ -278,10 +312,16 @@ class Run:
             run.best_val_loss, run.earlier_s = ts.get("best_val_loss"), float(ts.get("elapsed_s", 0.0))
             run.best_step, run.guard.skipped = ts.get("best_step"), ts.get("pending_skipped", 0)
             run.pending = [model.xp.asarray(v, dtype=model.dtype) for v in ts.get("pending_losses", [])]
+        if world is not None:
+            world.attach(model, optimizer, mode)  # after loading: a checkpoint holds every expert
         return run
 
     def open_metrics(self) -> MetricsLog:
-        """OUT/metrics.jsonl for this run's records (minimoe.rundir.open_metrics)."""
+        """OUT/metrics.jsonl for this run's records (minimoe.rundir.open_metrics); on the ranks
+        other than 0, nothing (dist.NoMetrics)."""
+        if self.world is not None and not self.world.root:
+            self.metrics = dist.NoMetrics()
+            return self.metrics
         self.metrics, self.cleaned = open_metrics(self.out, self.step)
         return self.metrics
 
@@ -311,7 +351,7 @@ class Run:
             f"{counts['total']:,} params, {counts['active']:,} active) on {o.data!r}: {len(self.train_ids):,} "
             f"train / {len(self.val_ids):,} val {o.tokenizer} tokens, vocab {c.vocab_size}; "
             f"unigram loss {self.unigram:.3f}"
-        )
+        ) + ("" if self.world is None else "\n" + self.world.describe(self.model))
 
     def record(self, lr: float, tokens_per_s: float) -> dict:
         """The metrics line of this step: the LM losses kept on the device since the last record
@@ -358,14 +398,22 @@ class Run:
             "pending_skipped": self.guard.skipped,
         }
         rngs = {"data": self.data_rng, "model": self.model.rng}
-        try:
-            path = checkpoint.save_checkpoint(
-                self.out, self.model, self.optimizer, self.tokenizer, state, rngs
-            )
-        except checkpoint.NonFiniteError as e:
-            raise Diverged(f"stopped at step {self.step}: the model diverged ({e})") from None
+        model, optimizer = self.model, self.optimizer
+        if self.world is not None:  # every rank sends its experts; rank 0 alone writes (None elsewhere)
+            model, optimizer = self.world.full_state(model, optimizer)
+        path, diverged = checkpoint.checkpoint_path(self.out), None
+        if model is not None:
+            try:
+                path = checkpoint.save_checkpoint(self.out, model, optimizer, self.tokenizer, state, rngs)
+            except checkpoint.NonFiniteError as e:
+                diverged = f"stopped at step {self.step}: the model diverged ({e})"
+        if self.world is not None:  # what rank 0 found, every rank acts on
+            diverged = self.world.comm.bcast(diverged, root=0)
+        if diverged:
+            raise Diverged(diverged)
         self.saved_at = self.step
-        after_save(self.out, path, self.metrics, best=self.o.keep_best and self.best_step == self.step)
+        if model is not None:
+            after_save(self.out, path, self.metrics, best=self.o.keep_best and self.best_step == self.step)
         return path
 
     def unsound(self, val: float = 0.0) -> Optional[str]:

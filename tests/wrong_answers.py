@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 
 class WrongAnswer(NamedTuple):
-    lesson: str  # "01" .. "12"
+    lesson: str  # "01" .. "13"
     function: str  # the learner function that is wrong (named by the failure message)
     snippet: str  # exact text of the solution, occurring once in the lesson source
     replacement: str  # the wrong version
@@ -223,4 +223,13 @@ WRONG_ANSWERS = [
       "Forgot the noisy router's second matrix."),
     W("12", "block_params", "norms = 2 * C * (2 if c.norm == \"layernorm\" else 1)", "norms = 2 * C",
       "Forgot LayerNorm's biases (a gain and a bias per norm)."),
+    # ---- Lesson 13: expert parallelism --------------------------------------------------------
+    W("13", "all_to_all_forward", "xs[s][starts[s][d] : starts[s][d + 1]] for s in range(P)", "xs[d][starts[d][s] : starts[d][s + 1]] for s in range(P)",
+      "Kept the blocks on their sender: rank d got its own blocks for every rank, not every rank's block for d."),
+    W("13", "all_to_all_backward", "return all_to_all_forward(dys, np.asarray(counts).T)", "return all_to_all_forward(dys, counts)",
+      "Sent the gradients back with the forward's counts, not transposed."),
+    W("13", "all_to_all_backward", "return all_to_all_forward(dys, np.asarray(counts).T)", "return dys",
+      "Kept the gradients where they arrived instead of sending them back."),
+    W("13", "expert_major", "for j in range(El) for s in range(P)]", "for s in range(P) for j in range(El)]",
+      "Listed the rows source-major, the order they arrived in."),
 ]  # fmt: skip

@@ -4,6 +4,7 @@
     python -m minimoe bench --preset dense --vs-torch        # side by side with PyTorch eager
     python -m minimoe bench --n-layer 6 --n-embd 384 --n-head 6 --block-size 256 --batch-size 16
     python -m minimoe bench --json                           # one JSON object instead of a table
+    python -m minimoe bench --ranks 4                        # on 4 MPI ranks: compute vs communication
 
 What is measured, and how:
 - forward, backward and optimizer step (AdamW) timed separately with time.perf_counter; each
@@ -26,8 +27,8 @@ Threads: NumPy's BLAS thread count is set with threadpoolctl when installed, els
 OpenBLAS's own C function (bench/threads.py); torch.set_num_threads gets the same number.
 
 The package: timing.py (the runners and the loop that alternates them), memory.py, threads.py,
-torch_twin.py, and here the command: its options, `run` (everything it reports, as a dict) and
-the table.
+torch_twin.py, ranks.py (--ranks: the step on P MPI ranks, its communication and bytes), and
+here the command: its options, `run` (everything it reports, as a dict) and the table.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ import sys
 
 import numpy as np
 
+from minimoe import dist
 from minimoe.backend import DTYPES
+from minimoe.bench import ranks
 from minimoe.bench.memory import peak_memory
 from minimoe.bench.threads import blas_threads
 from minimoe.bench.timing import (
@@ -53,7 +56,7 @@ from minimoe.bench.timing import (
     torch_step,
 )
 from minimoe.errors import OptionError, UserError
-from minimoe.options import check, check_choice, check_int
+from minimoe.options import PARALLEL, check, check_choice, check_int
 from minimoe.presets import count_params, toy_presets
 
 __all__ = [
@@ -113,6 +116,17 @@ def build_parser():
     p.add_argument("--vs-torch", action="store_true", help="also time a PyTorch eager twin, side by side")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        metavar="P",
+        help="time the step on P MPI ranks (launches mpiexec; 1 thread each unless --threads): "
+        "computation vs communication, and the bytes sent against the formula",
+    )
+    p.add_argument(
+        "--parallel", choices=PARALLEL, default="auto", help="with --ranks: auto (default), data or expert"
+    )
+    p.add_argument("--as-rank", action="store_true", help=argparse.SUPPRESS)  # one of the launched ranks
     return p
 
 
@@ -127,6 +141,9 @@ def check_args(args) -> None:
     check_int("warmup", args.warmup, lo=0)
     if args.threads is not None:
         check_int("threads", args.threads, lo=1)
+    if args.ranks is not None:
+        check_int("ranks", args.ranks, lo=1)
+        check(not args.vs_torch, "vs_torch", True, "--vs-torch and --ranks cannot be combined")
 
 
 def bench_config(args):
@@ -231,13 +248,30 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def run_ranks(args, argv: list):
+    """--ranks P: the step on P MPI ranks (ranks.launch starts them; each runs this with
+    --as-rank and measures; rank 0 returns the result, the others None)."""
+    if args.as_rank:
+        return ranks.measure(args, bench_config(args))
+    return ranks.launch([a for a in argv], args.ranks, args.threads or 1)
+
+
 def main(argv=None) -> int:
     """`minimoe bench [options]`; returns the exit status (0 ok, 2 for a user error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
+        if args.ranks is not None:
+            check_args(args)
+            result = run_ranks(args, argv)
+            if result is None:  # a rank other than 0
+                return 0
+            print(json.dumps(result) if args.json or args.as_rank else ranks.format_table(result))
+            return 0
         result = run(args)
     except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        if dist.is_rank0():
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

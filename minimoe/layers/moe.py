@@ -15,6 +15,11 @@ Parameters under `pre` (e.g. "blocks.1.moe."):
     shared.* one dense FFN of width n_shared_experts * shared_hidden (S always-on experts of
     width F_s are exactly one FFN of width S*F_s: their hidden units simply sit side by side).
 Buffers (not trained): router_bias (E,) for the DeepSeek-V3 sigmoid router.
+
+On P ranks (`group`, a layers.exchange.Group): h is this rank's share of the batch; the
+balancing loss, z-loss and routing statistics are those of the GLOBAL batch (`global_balance`);
+with expert parallelism this rank holds E/P experts and the slots travel to them and back
+(exchange.experts_parallel_forward). Capacity is applied per group of tokens (`dispatch`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy
 
 from minimoe import backend
 from minimoe.config import Config
+from minimoe.layers import exchange
 from minimoe.layers.ffn import ffn_backward, ffn_forward, init_ffn_params
 from minimoe.ops import balance, experts, linear, router
 
@@ -68,10 +74,12 @@ class MoECache(NamedTuple):
     combine: tuple
     shared: Optional[tuple]  # shared experts' FFN cache, or None without shared experts
     shape: tuple  # (B, T, C) of the input
+    share: float = 1.0  # this rank's tokens / all ranks' tokens: the weight of its balancing terms
 
 
-def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: bool):
-    """h (B, T, C) -> y (B, T, C), cache, stats (dict of per-layer routing statistics)."""
+def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: bool, group=None):
+    """h (B, T, C) -> y (B, T, C), cache, stats (dict of per-layer routing statistics).
+    group: the ranks training together (layers.exchange.Group), or None in one process."""
     xp = backend.xp_of(h)
     B, T, C = h.shape
     N, E, K = B * T, c.n_experts, c.top_k
@@ -100,11 +108,13 @@ def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: b
     aux, c_aux = balance.load_balancing_loss_forward(probs, idx, E)
     z, c_z = balance.z_loss_forward(sel_logits)
 
-    # 4. dispatch -> experts -> combine
-    capacity = experts.capacity_for(N, K, E, c.capacity_factor)
-    x_sorted, offsets, counts, c_disp = experts.dispatch_forward(x, idx, E, capacity)
+    # 4. dispatch -> experts (here, or on the ranks that hold them) -> combine
+    x_sorted, offsets, counts, c_disp = dispatch(c, x, idx)
     w = {k: p[pre + "experts." + k] for k in ("w1", "w2", "w3") if pre + "experts." + k in p}
-    y_sorted, c_exp = experts.experts_forward(x_sorted, offsets, w, c.activation)
+    if group is not None and group.expert_parallel:
+        y_sorted, c_exp = exchange.experts_parallel_forward(x_sorted, offsets, w, c.activation, group)
+    else:
+        y_sorted, c_exp = experts.experts_forward(x_sorted, offsets, w, c.activation)
     y, c_comb = experts.combine_forward(y_sorted, gates, c_disp)
 
     # 5. shared (always-on) experts
@@ -123,6 +133,10 @@ def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: b
         "expert_idx": idx,  # (N, K), for routing analysis
         "gates": gates,  # (N, K), the weights of those experts
     }
+    share = 1.0
+    if group is not None:
+        aux, c_aux, z, share = global_balance(probs, idx, c_z, stats, offsets[-1], group)
+        stats.update(aux_loss=aux, z_loss=z)
     cache = MoECache(
         router=c_router,
         noise_proj=c_wnoise,
@@ -136,6 +150,7 @@ def moe_forward(c: Config, h, p: dict, buffers: dict, pre: str, rng, training: b
         combine=c_comb,
         shared=c_shared,
         shape=(B, T, C),
+        share=share,
     )
     return y.reshape(B, T, C), cache, stats
 
@@ -152,7 +167,10 @@ def moe_backward(c: Config, dy, cache: MoECache, pre: str, grads: dict):
     # 5. shared experts, then 4. combine -> experts -> dispatch
     dx = ffn_backward(c, dy, cache.shared, pre + "shared.", grads) if cache.shared is not None else None
     dy_sorted, dgates = experts.combine_backward(dy, cache.combine)
-    dx_sorted, dw = experts.experts_backward(dy_sorted, cache.experts)
+    if isinstance(cache.experts, exchange.ExpertParallelCache):
+        dx_sorted, dw = exchange.experts_parallel_backward(dy_sorted, cache.experts)
+    else:
+        dx_sorted, dw = experts.experts_backward(dy_sorted, cache.experts)
     for k, v in dw.items():
         grads[pre + "experts." + k] = v
     dx_disp = experts.dispatch_backward(dx_sorted, cache.dispatch)
@@ -163,9 +181,9 @@ def moe_backward(c: Config, dy, cache: MoECache, pre: str, grads: dict):
         dsel = router.sigmoid_bias_topk_backward(dgates, cache.gate)
     else:
         dsel = router.softmax_topk_backward(dgates, cache.gate)
-    dprobs = balance.load_balancing_loss_backward(c.aux_loss_coef, cache.aux)
+    dprobs = balance.load_balancing_loss_backward(c.aux_loss_coef * cache.share, cache.aux)
     dsel += router.router_probs_backward(dprobs, cache.probs, c.router)
-    dsel += balance.z_loss_backward(c.z_loss_coef, cache.z)
+    dsel += balance.z_loss_backward(c.z_loss_coef * cache.share, cache.z)
 
     # 1. router logits (and the noise projection of the noisy router)
     dlogits, dnoise_logits = router.noisy_logits_backward(dsel, cache.noise)
@@ -176,6 +194,55 @@ def moe_backward(c: Config, dy, cache: MoECache, pre: str, grads: dict):
         dx = dx + dxn
     dxr, grads[pre + "router.w"], _ = linear.linear_backward(dlogits, cache.router)
     return (dx + dxr).reshape(B, T, C)
+
+
+def dispatch(c: Config, x, idx):
+    """x (N, C), idx (N, K) -> x_sorted, offsets (E+1,), counts (E,), cache: experts.dispatch_forward
+    with GShard's per-group capacity (Lepikhin et al. 2020, sec. 2.2): the N tokens form
+    G = c.capacity_groups contiguous groups of ceil(N/G) (the ranks of a data-parallel run are
+    such groups), and each expert keeps at most ceil(cf * (N/G) * K / E) slots OF EACH GROUP.
+    Done as one dispatch over E*G virtual experts (e, g) = e*G + g: sorted by expert, then by
+    group, each (expert, group) keeping its first slots in the usual order."""
+    xp = backend.xp_of(x)
+    N, K = idx.shape
+    E, G = c.n_experts, c.capacity_groups
+    size = -(-N // G)  # tokens per group (the last may be smaller when G does not divide N)
+    capacity = experts.capacity_for(size, K, E, c.capacity_factor)
+    if G == 1:
+        return experts.dispatch_forward(x, idx, E, capacity)
+    group_of_token = xp.arange(N) // size
+    x_sorted, offsets, counts, cache = experts.dispatch_forward(
+        x, idx * G + group_of_token[:, None], E * G, capacity
+    )
+    return x_sorted, offsets[::G], counts.reshape(E, G).sum(axis=1), cache
+
+
+def global_balance(probs, idx, c_z, stats: dict, kept: int, group):
+    """The balancing loss, z-loss and routing statistics of the GLOBAL batch, from this rank's
+    N tokens (every rank has N, so the batch has N_g = P N): one all-reduce of the local sums
+        counts_e (E), sum_n probs[n, e] (E), sum_n lse_n^2, sum_n entropy_n, kept slots
+    -> aux = E sum_e f_e P_e with f_e = counts_e / (N_g K), P_e = sum probs / N_g;  z = sum lse^2 / N_g.
+    Returns aux, its cache, z and share = N / N_g. The gradient of the global loss with respect
+    to this rank's probs is E f_e / N_g = share * (the one-process formula with the global f), and
+    the z-loss's is share * the local one: moe_backward scales both by `share`. Writes the global
+    counts, dropped fraction and entropy into stats (the DeepSeek bias update reads the counts)."""
+    xp = backend.xp_of(probs)
+    N, K = idx.shape
+    E, P, dt = probs.shape[1], group.size, probs.dtype
+    counts = xp.bincount(idx.reshape(-1), minlength=E)
+    lse2 = (c_z.lse * c_z.lse).sum()
+    scalars = xp.stack([lse2, stats["router_entropy"] * N, xp.asarray(kept, dtype=dt)])
+    local = xp.concatenate([counts.astype(xp.float64), probs.sum(axis=0).astype(xp.float64), scalars])
+    tot = group.allreduce_sum(local)
+    Ng = N * P
+    f = (tot[:E] / (Ng * K)).astype(dt)
+    aux = E * (f * (tot[E : 2 * E] / Ng).astype(dt)).sum()
+    stats.update(
+        tokens_per_expert=xp.rint(tot[:E]).astype(counts.dtype),
+        router_entropy=(tot[2 * E + 1] / Ng).astype(dt),
+        dropped_fraction=1.0 - tot[2 * E + 2] / (Ng * K),
+    )
+    return aux, balance.LoadBalancingCache(f, N, E), (tot[2 * E] / Ng).astype(dt), 1.0 / P
 
 
 def update_bias(c: Config, buffers: dict, pre: str, stats: dict):

@@ -217,7 +217,9 @@ def _make_modules() -> dict:
     cupy.random = _Proxy(numpy.random, "random")
     cupy.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-        Device=lambda *args: types.SimpleNamespace(synchronize=lambda: None),  # nothing runs asynchronously
+        # nothing runs asynchronously: waiting for the device is a no-op
+        Device=lambda *args: types.SimpleNamespace(synchronize=lambda: None),
+        get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
     )
     cupy.asnumpy = lambda a: a.get() if isinstance(a, ndarray) else numpy.asarray(a)
     np_proxy = _Proxy(numpy, "cupy")

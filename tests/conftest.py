@@ -48,15 +48,19 @@ if ON_DEVICE:
 
 
 DEVICE = "gpu" if ON_DEVICE else "cpu"  # the train()/CLI `device` that runs on the session's backend
+_SESSION = (backend.get_backend(), backend.get_xp(), backend.get_default_dtype())
 
 
 @pytest.fixture(autouse=True)
 def _session_backend():
-    """Each test starts on the session's backend: one that switched it (train(device=...), the
-    CLI's --device, set_backend) cannot leave the next test on another one."""
+    """Each test starts on the session's backend and dtype: one that switched them (train(device=
+    ...), the CLI's --device, set_backend, a fake installed for one test) cannot leave the next
+    test on another one."""
     yield
-    if backend.get_backend() != ("cupy" if ON_DEVICE else "numpy"):
-        backend.set_backend("cupy" if ON_DEVICE else "numpy")
+    name, xp_, dtype = _SESSION
+    if backend.get_backend() != name or backend.get_xp() is not xp_:
+        backend.set_backend(name)
+    backend.set_default_dtype(dtype)
 
 
 def on_host_only(reason: str):

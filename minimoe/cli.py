@@ -5,6 +5,8 @@
     minimoe sample --ckpt OUT --prompt TEXT   stream a continuation
     minimoe info   --preset NAME | --ckpt OUT config, parameter and FLOP counts, training summary
     minimoe routes --ckpt OUT --text TEXT     which experts each token goes to, per MoE layer
+    minimoe chat   --ckpt OUT                 talk to a model fine-tuned on dialogues
+                                              (minimoe train --init-from BASE --data chat-builtin)
     minimoe bench  ...                        benchmarks (minimoe.bench)
 
 A user mistake (a minimoe.errors.UserError, or an OSError on a file) ends the command with exit
@@ -23,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-from minimoe import analysis, backend, bench, dist, hf, info
+from minimoe import analysis, backend, bench, chat, dist, hf, info
 from minimoe.checkpoint import load_checkpoint, load_model
 from minimoe.errors import UserError
 from minimoe.options import (
@@ -68,7 +70,8 @@ def _add_train_args(p):
         "--data",
         metavar="SPEC",
         help="builtin (Python's own docs, default) | synthetic | tinyshakespeare "
-        "(downloaded once) | PATH of a UTF-8 text file",
+        "(downloaded once) | PATH of a UTF-8 text file | chat-builtin or FILE.jsonl: dialogues, "
+        "the loss on the assistant's turns only",
     )
     a("--tokenizer", choices=TOKENIZERS, help=f"(default {d('tokenizer')})")
     a("--vocab-size", type=int, metavar="N", help=f"BPE vocabulary size, >= 256 (default {d('vocab_size')})")
@@ -110,6 +113,11 @@ def _add_train_args(p):
         type=int,
         metavar="N",
         help=f"tokens sampled at the end (default {d('sample_tokens')})",
+    )
+    a(
+        "--init-from",
+        metavar="CKPT",
+        help="start from this base checkpoint's weights and tokenizer (fine-tuning)",
     )
     a(
         "--parallel",
@@ -198,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.set_defaults(func=cmd_routes)
 
+    _add_chat_parser(sub)
     sub.add_parser("bench", help="benchmarks (minimoe bench --help)", add_help=False)
     return parser
 
@@ -324,6 +333,31 @@ def cmd_routes(args) -> int:
         analysis.plot_routes(tokens, routes, E, args.plot)
         print(f"heat map saved to {args.plot}")
     return 0
+
+
+def _add_chat_parser(sub):
+    p = sub.add_parser("chat", help="talk to a fine-tuned model", description=chat.HELP)
+    p.add_argument("--ckpt", default="out", metavar="PATH", help="run directory or ckpt.npz (default out)")
+    p.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0 = greedy (default 0.6)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="per reply (default 200)")
+    p.add_argument("--seed", type=int, default=None, help="fixes the sampled replies (default: random)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    check_number("temperature", args.temperature, lo=0.0)
+    check_int("max_new_tokens", args.max_new_tokens, lo=1)
+    if args.top_k is not None:
+        check_int("top_k", args.top_k, lo=1)
+    if args.seed is not None:
+        check_int("seed", args.seed, lo=0)
+    _set_device(args.device)
+    model, tokenizer, _ = load_model(args.ckpt)
+    return chat.run_chat(model, tokenizer, temperature=args.temperature, top_k=args.top_k,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache)  # fmt: skip
 
 
 def cmd_bench(argv) -> int:

@@ -3,6 +3,7 @@
 Everything here runs on the host with NumPy (and the standard library):
 
 * corpora:  ``builtin_corpus`` (ships inside CPython, no download),
+  (dialogues for fine-tuning, ``--data chat-builtin`` or a .jsonl file: minimoe.chat_data),
   ``tinyshakespeare`` (downloaded once, checksummed, cached),
   ``synthetic_corpus`` (a deterministic multi-task toy corpus),
   ``read_text_file`` and ``load_corpus`` (pick one by name or path);
@@ -324,6 +325,8 @@ def get_batch(ids, batch_size: int, block_size: int, rng: np.random.Generator):
     Picks ``batch_size`` random start offsets with ``rng``; row b of ``x`` is
     ``ids[o_b : o_b + block_size]`` and row b of ``y`` is the same window
     shifted one token to the right (the targets). Returns int64 arrays (B, T).
+    A stream that batches itself (it has a ``get_batch`` method, e.g. minimoe.chat_data's
+    MaskedTokens of conversations with a loss mask) is handed the same arguments.
     """
     for name, value in (("batch_size", batch_size), ("block_size", block_size)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -332,6 +335,8 @@ def get_batch(ids, batch_size: int, block_size: int, rng: np.random.Generator):
         raise DataError(
             f"rng must be a numpy Generator such as np.random.default_rng(0), got {type(rng).__name__}"
         )
+    if hasattr(ids, "get_batch"):
+        return ids.get_batch(batch_size, block_size, rng)
     n = len(ids)
     if n < block_size + 1:
         raise DataError(

@@ -107,6 +107,7 @@ class TrainOptions:
     max_bad_steps: Optional[int] = None
     keep_best: Optional[bool] = None
     max_data_mb: Optional[float] = None
+    init_from: Optional[str] = None
 
 
 # The one place the defaults are written. The fields left out stay None after resolution:
@@ -135,6 +136,7 @@ DEFAULTS = TrainOptions(
     max_bad_steps=3,  # stop after this many steps in a row with a non-finite loss/gradient
     keep_best=False,  # also keep OUT/best.npz, the checkpoint of the best validation loss
     max_data_mb=256,  # refuse a --data file larger than this (MB)
+    # init_from: a base checkpoint whose weights and tokenizer a new run starts from (minimoe.finetune)
 )
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainOptions))
 # The model flags override the preset's Config fields of the same names.
@@ -219,6 +221,9 @@ def check_options(o: TrainOptions) -> None:
     check_number("weight_decay", o.weight_decay, lo=0.0)
     check_number("grad_clip", o.grad_clip, lo=0.0)  # 0: no clipping
     check_run_guards(o)
+    if o.init_from is not None:
+        check(isinstance(o.init_from, str) and o.init_from != "", "init_from", o.init_from,
+              "it must be the path of a base checkpoint (a run directory or a ckpt.npz)")  # fmt: skip
 
 
 def check_run_guards(o: TrainOptions) -> None:

@@ -4,9 +4,23 @@ Both have the same small interface::
 
     tok.encode(text) -> list[int]      tok.decode(ids) -> str
     tok.vocab_size                     tok.to_dict() / Cls.from_dict(d)
+    tok.with_specials(CHAT_SPECIALS)   tok.encode_chat(messages) -> (ids, loss_mask)
 
-``to_dict`` returns plain JSON-serialisable data (stored in checkpoints);
+``to_dict`` returns plain JSON-serialisable data (stored in checkpoints, specials included);
 ``tokenizer_from_dict`` rebuilds either kind from its ``"type"`` key.
+
+Special tokens (the chat format). A tokenizer may carry named special tokens, given the ids
+just ABOVE its own vocabulary (characters, or bytes + merges): with V own tokens, specials[j]
+is id V + j. ``encode`` never produces them (text that happens to read "<|user|>" is encoded
+as ordinary characters, so a user cannot forge a turn), ``decode`` shows them by name. The chat
+format uses three::
+
+    <|user|> How much is 2 plus 3? <|end|> <|assistant|> 5 <|end|>
+    mask:  0  0 ...                  0       0          1   1
+
+``encode_chat`` returns the ids and a loss mask that is 1 on the assistant's tokens only,
+including the assistant's <|end|> (so the model learns to stop) but not its <|assistant|>
+marker (the chat loop writes that marker itself).
 """
 
 from __future__ import annotations
@@ -14,7 +28,21 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 
-__all__ = ["CharTokenizer", "BPETokenizer", "tokenizer_from_dict", "split_chunks"]
+__all__ = [
+    "CharTokenizer",
+    "BPETokenizer",
+    "tokenizer_from_dict",
+    "split_chunks",
+    "CHAT_SPECIALS",
+    "USER",
+    "ASSISTANT",
+    "END",
+    "ROLES",
+    "check_messages",
+]
+
+USER, ASSISTANT, END = CHAT_SPECIALS = ("<|user|>", "<|assistant|>", "<|end|>")
+ROLES = {"user": USER, "assistant": ASSISTANT}  # a message's role -> the marker opening its turn
 
 
 def _check_ids(ids, vocab_size: int) -> list[int]:
@@ -25,21 +53,111 @@ def _check_ids(ids, vocab_size: int) -> list[int]:
     return ids
 
 
+def check_messages(messages) -> list[tuple[str, str]]:
+    """[(role, content), ...] of a conversation [{"role": "user" | "assistant", "content": str}, ...];
+    ValueError naming the first bad message (counted from 1) and what would be valid."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"a conversation must be a non-empty list of messages, got {messages!r:.60}")
+    out = []
+    for k, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f'message {k} must be an object with "role" and "content", got {m!r:.60}')
+        if m["role"] not in ROLES:
+            raise ValueError(f"message {k} has role {m['role']!r:.30}; valid roles are user and assistant")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {k} has content {m['content']!r:.30}; it must be a string")
+        out.append((m["role"], m["content"]))
+    return out
+
+
+class _Specials:
+    """Named special tokens above a tokenizer's own vocabulary, and the chat format built on them.
+
+    A subclass sets self.specials (a list of names) and defines base_vocab_size (its own tokens)
+    and _decode_base(ids) (its own tokens -> text)."""
+
+    specials: list
+
+    def _set_specials(self, specials):
+        self.specials = list(specials)
+        if any(not isinstance(s, str) or not s for s in self.specials) or len(set(self.specials)) != len(
+            self.specials
+        ):
+            raise ValueError(f"special tokens must be distinct non-empty strings, got {self.specials!r}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + len(self.specials)
+
+    def special_id(self, name: str) -> int:
+        """The id of special token `name` (ValueError when this tokenizer has none of that name)."""
+        if name not in self.specials:
+            raise ValueError(f"this tokenizer has no special token {name!r}; it has {self.specials}")
+        return self.base_vocab_size + self.specials.index(name)
+
+    @property
+    def has_chat_format(self) -> bool:
+        return all(s in self.specials for s in CHAT_SPECIALS)
+
+    def with_specials(self, names=CHAT_SPECIALS):
+        """A copy with the special tokens `names` added (those it lacks, in order) above the
+        vocabulary: every existing id keeps its meaning, the new ones come after."""
+        new = [s for s in names if s not in self.specials]
+        return type(self).from_dict({**self.to_dict(), "specials": self.specials + new})
+
+    def decode(self, ids) -> str:
+        n, parts, run = self.base_vocab_size, [], []
+        for i in _check_ids(ids, self.vocab_size):
+            if i < n:
+                run.append(i)
+            else:  # a special token: what came before it, then its name
+                parts += [self._decode_base(run), self.specials[i - n]]
+                run = []
+        return "".join(parts) + self._decode_base(run)
+
+    def _specials_dict(self) -> dict:
+        return {"specials": list(self.specials)} if self.specials else {}
+
+    def encode_chat(self, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Conversation -> (ids, loss_mask), two lists of the same length (see the module docstring).
+
+        Each message becomes <|role|> content <|end|>; mask 1 on an assistant's content and its
+        <|end|>, 0 elsewhere. add_generation_prompt appends <|assistant|> (mask 0): the prompt
+        after which a model writes the next reply.
+        """
+        if not self.has_chat_format:
+            raise ValueError(
+                f"this tokenizer has no chat tokens {list(CHAT_SPECIALS)}; add them with .with_specials()"
+            )
+        end = self.special_id(END)
+        ids, mask = [], []
+        for role, content in check_messages(messages):
+            body = self.encode(content)
+            learn = int(role == "assistant")
+            ids += [self.special_id(ROLES[role]), *body, end]
+            mask += [0] + [learn] * (len(body) + 1)
+        if add_generation_prompt:
+            ids.append(self.special_id(ASSISTANT))
+            mask.append(0)
+        return ids, mask
+
+
 # --------------------------------------------------------------------------
 # Character tokenizer
 # --------------------------------------------------------------------------
 
 
-class CharTokenizer:
-    """One token per character; the vocabulary is the sorted set of characters."""
+class CharTokenizer(_Specials):
+    """One token per character; the vocabulary is the sorted set of characters (then the specials)."""
 
-    def __init__(self, chars):
+    def __init__(self, chars, specials=()):
         self.chars = list(chars)
         if not self.chars or len(set(self.chars)) != len(self.chars):
             raise ValueError(
                 f"CharTokenizer needs a non-empty list of distinct characters, got {len(self.chars)} entries"
             )
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self._set_specials(specials)
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -48,7 +166,7 @@ class CharTokenizer:
         return cls(sorted(set(text)))
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
@@ -60,15 +178,15 @@ class CharTokenizer:
                 f"({self.vocab_size} characters); build it from text that contains it"
             ) from None
 
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in _check_ids(ids, self.vocab_size))
+    def _decode_base(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
 
     def to_dict(self) -> dict:
-        return {"type": "char", "chars": self.chars}
+        return {"type": "char", "chars": self.chars, **self._specials_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> CharTokenizer:
-        return cls(d["chars"])
+        return cls(d["chars"], d.get("specials", ()))
 
 
 # --------------------------------------------------------------------------
@@ -107,10 +225,10 @@ def _merge(word: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
-class BPETokenizer:
-    """Byte-level BPE: ids 0..255 are raw bytes, id 256+k is the k-th learned merge."""
+class BPETokenizer(_Specials):
+    """Byte-level BPE: ids 0..255 are raw bytes, id 256+k is the k-th learned merge (then the specials)."""
 
-    def __init__(self, merges):
+    def __init__(self, merges, specials=()):
         # merges[k] = (a, b) means token 256+k is token a followed by token b
         self.merges = [(int(a), int(b)) for a, b in merges]
         self.ranks = {pair: k for k, pair in enumerate(self.merges)}
@@ -120,9 +238,10 @@ class BPETokenizer:
                 raise ValueError(f"merge {k} {(a, b)} refers to a token that does not exist yet")
             self.vocab.append(self.vocab[a] + self.vocab[b])
         self._cache: dict[str, list[int]] = {}
+        self._set_specials(specials)
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return len(self.vocab)
 
     @classmethod
@@ -192,16 +311,16 @@ class BPETokenizer:
             ids.extend(self._cache[chunk])
         return ids
 
-    def decode(self, ids) -> str:
-        data = b"".join(self.vocab[i] for i in _check_ids(ids, self.vocab_size))
+    def _decode_base(self, ids) -> str:
+        data = b"".join(self.vocab[i] for i in ids)
         return data.decode("utf-8", errors="replace")  # a cut-off sequence may split a character
 
     def to_dict(self) -> dict:
-        return {"type": "bpe", "merges": [list(p) for p in self.merges]}
+        return {"type": "bpe", "merges": [list(p) for p in self.merges], **self._specials_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> BPETokenizer:
-        return cls(d["merges"])
+        return cls(d["merges"], d.get("specials", ()))
 
 
 def tokenizer_from_dict(d: dict):

@@ -28,6 +28,8 @@ Under an MPI launcher (`mpiexec -n P python -m minimoe train ...`) P ranks train
 one-process run trains, data- or expert-parallel: see minimoe.dist. Rank 0 holds the run lock,
 writes the metrics and checkpoints; every decision (stop, skip a step, diverged) is the same on
 every rank, since the ranks see the same global losses and gradient norms.
+Fine-tuning (`init_from` a base checkpoint, dialogue data such as `data="chat-builtin"`, the loss
+on the assistant's tokens only): minimoe.finetune and minimoe.chat_data.
 Around the loop: minimoe.options (the options, their defaults and validation, resume merging),
 minimoe.metrics (what is measured and logged), minimoe.progress (the display) and
 minimoe.signals (the deferred Ctrl-C).
@@ -46,7 +48,7 @@ from typing import Optional
 
 import numpy as np
 
-from minimoe import backend, checkpoint, data, dist, guards
+from minimoe import backend, chat_data, checkpoint, data, dist, finetune, guards
 from minimoe.guards import Diverged, DivergenceGuard
 from minimoe.metrics import MetricsLog, estimate_loss, loss_summary, moe_stats, unigram_loss
 from minimoe.model import GPT
@@ -191,6 +193,8 @@ def prepare(options=None, overrides=None) -> tuple[TrainOptions, Optional[checkp
             )
         ckpt = checkpoint.load_checkpoint(out)
         checkpoint.check_resumable(ckpt)
+    elif given.get("init_from"):
+        given = finetune.init_from_options(given)  # the base's model options; --out must differ
     o = resolve_options(given, saved=None if ckpt is None else ckpt.train_state.get("options", {}))
     check_options(o)
     config = ckpt.config if ckpt else model_config(o, o.vocab_size if o.tokenizer == "bpe" else 256)
@@ -227,6 +231,10 @@ def load_data(o: TrainOptions, block_size: int, tokenizer=None):
     tokenizer unless one is given) and split: the last VAL_FRACTION is validation, and each
     part holds at least one window of block_size + 1 tokens."""
     mb = DEFAULTS.max_data_mb if o.max_data_mb is None else o.max_data_mb
+    if chat_data.is_chat_data(o.data):  # dialogues: MaskedTokens, the loss on the assistant's tokens only
+        return chat_data.load_chat_data(
+            o.data, tokenizer, o.tokenizer, o.vocab_size, VAL_FRACTION, int(mb * 2**20)
+        )
     text = data.load_corpus(o.data, max_bytes=int(mb * 2**20))
     if tokenizer is None:
         tokenizer = (
@@ -283,7 +291,11 @@ class Run:
     def start(cls, o: TrainOptions, ckpt=None, world=None) -> Run:
         """A new run from the options, or the checkpoint's run restored exactly; with a world,
         this rank's part of it (resumable under any number of ranks)."""
-        if ckpt is None:
+        base = None
+        if ckpt is None and o.init_from:  # fine-tuning: the base's weights and tokenizer (+ chat tokens)
+            base, tokenizer = finetune.load_base(o.init_from, o.dtype, o.seed)
+            config = base.config
+        elif ckpt is None:
             config = model_config(o, vocab_size=256)  # judges the model flags before the slow data work
             tokenizer = None
         else:
@@ -292,14 +304,16 @@ class Run:
             dist.check_layout(o.batch_size, world.size)
             mode = dist.choose_mode(config, world.size, o.parallel)
         tokenizer, train_ids, val_ids = load_data(o, config.block_size, tokenizer)
-        if ckpt is None:
+        if base is not None:
+            model = base
+        elif ckpt is None:
             model = GPT(model_config(o, tokenizer.vocab_size), seed=o.seed, dtype=o.dtype)
         else:
             model = checkpoint.build_model(ckpt, o.dtype)
         optimizer = AdamW(model.params, lr=o.lr, weight_decay=o.weight_decay)
         run = cls(o, model, optimizer, tokenizer, train_ids, val_ids, np.random.default_rng(o.seed))
         run.world = world
-        run.unigram = unigram_loss(train_ids, model.config.vocab_size)
+        run.unigram = unigram_loss(chat_data.loss_tokens(train_ids), model.config.vocab_size)
         run.guard = DivergenceGuard(o.max_bad_steps, model.config.vocab_size)
         if ckpt is not None:
             checkpoint.load_optimizer_state(ckpt, optimizer, model)

@@ -32,7 +32,7 @@ def options(**given) -> TrainOptions:
 def test_every_field_starts_not_given_and_defaults_live_in_one_place():
     assert all(v is None for v in dataclasses.asdict(TrainOptions()).values())
     unset = {k for k, v in dataclasses.asdict(DEFAULTS).items() if v is None}
-    assert unset == set(MODEL_FLAGS) | {"min_lr"}  # "the preset's" and "lr / 10"
+    assert unset == set(MODEL_FLAGS) | {"min_lr", "init_from"}  # "the preset's", "lr / 10", "no base model"
     assert options() == DEFAULTS
     check_options(DEFAULTS)  # the defaults are valid
 

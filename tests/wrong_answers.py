@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 
 class WrongAnswer(NamedTuple):
-    lesson: str  # "01" .. "13"
+    lesson: str  # "01" .. "14"
     function: str  # the learner function that is wrong (named by the failure message)
     snippet: str  # exact text of the solution, occurring once in the lesson source
     replacement: str  # the wrong version
@@ -232,4 +232,17 @@ WRONG_ANSWERS = [
       "Kept the gradients where they arrived instead of sending them back."),
     W("13", "expert_major", "for j in range(El) for s in range(P)]", "for s in range(P) for j in range(El)]",
       "Listed the rows source-major, the order they arrived in."),
+    # ---- Lesson 14: from a language model to an assistant ---------------------------------------
+    W("14", "chat_loss_mask", "        if speaking:\n            mask[t] = 1\n        if i == assistant_id:\n            speaking = True\n",
+      "        if i == assistant_id:\n            speaking = True\n        if speaking:\n            mask[t] = 1\n",
+      "Put the <|assistant|> marker itself in the mask (the chat loop writes it, the model need not)."),
+    W("14", "chat_loss_mask", "        if speaking:\n            mask[t] = 1\n", "        if speaking and i != end_id:\n            mask[t] = 1\n",
+      "Left the assistant's <|end|> out of the mask, so the model never learns to stop."),
+    W("14", "masked_targets", "np.where(mask[..., 1:] == 1, ids[..., 1:], -1)", "np.where(mask[..., :-1] == 1, ids[..., 1:], -1)",
+      "Took the mask of the input token instead of the predicted (next) one."),
+    W("14", "masked_targets", "np.where(mask[..., 1:] == 1, ids[..., 1:], -1)", "np.where(mask[..., 1:] == 1, ids[..., 1:], 0)",
+      "Replaced masked targets by 0 (a real token id) instead of the ignore index -1."),
+    W("14", "masked_targets", "return ids[..., :-1], np.where(mask[..., 1:] == 1, ids[..., 1:], -1)",
+      "return ids[:-1], np.where(mask[1:] == 1, ids[1:], -1)",
+      "Shifted along the first axis, which is right for one window and wrong for a batch."),
 ]  # fmt: skip

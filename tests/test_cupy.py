@@ -211,6 +211,24 @@ def test_host_transfers_of_routes(fake):
     assert per_call == {"get": 2 * 2 * 3}  # windows x layers x (offsets, expert_idx, gates)
 
 
+def test_host_transfers_per_chat_token(fake):
+    # minimoe chat: per token the last logits and each MoE layer's offsets, as in generate (the
+    # conversation's ids go to the model from the host; they once cost a range-check copy each)
+    from minimoe.chat import Conversation
+    from minimoe.tokenizer import CharTokenizer
+
+    backend.set_backend("cupy")
+    tok = CharTokenizer.from_text("abc xyz").with_specials()
+    model = GPT(small_preset("mixtral", vocab_size=tok.vocab_size, block_size=32), seed=0)
+    conv = Conversation(model, tok, reply_room=8)
+    conv.reply("ab", max_new_tokens=3, temperature=0.0)  # warm-up
+    fake_cupy.transfers.clear()
+    reply = conv.reply("xyz", max_new_tokens=4, temperature=1.0, rng=np.random.default_rng(0))
+    steps = len(reply) + (len(reply) < 4)  # an <|end|> sampled early is a step too
+    assert len(reply) >= 2
+    assert {k: v for k, v in fake_cupy.transfers.items() if v} == {"get": steps * (1 + 2)}
+
+
 # ---------------------------------------------------------------------------- the real thing
 def _have_gpu() -> bool:
     """The real CuPy with a CUDA device (not the fake, which a fake-cupy test session installs)."""

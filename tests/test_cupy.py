@@ -240,7 +240,7 @@ def _have_gpu() -> bool:
         return False
 
 
-gpu = pytest.mark.skipif(not _have_gpu(), reason="needs CuPy and a CUDA GPU")
+gpu = pytest.mark.skipif(not _have_gpu(), reason="needs the real CuPy and a CUDA GPU")
 
 
 @pytest.fixture

@@ -20,9 +20,11 @@ FLAVOURS = {
     "llama": dict(norm="rmsnorm", activation="swiglu", pos_emb="rope", tie_embeddings=False, bias=False),
 }
 NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_exact", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_exact", "swiglu", "relu")
 POS_EMBS = ("learned", "rope", "none")
 ROUTERS = ("softmax", "noisy", "sigmoid_bias")
+QK_NORMS = ("none", "full", "head")
+JITTER_SCOPES = ("router", "moe")
 ATTENTIONS = ("mha", "mla")  # mha covers GQA and MQA (n_kv_head); mla: ops/mla.py
 
 
@@ -44,6 +46,14 @@ class Config:
     bias: Optional[bool] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # --- attention and scaling variants of the real families (docs/families.md) ---
+    head_dim: Optional[int] = None  # D; None = n_embd // n_head (Qwen3 uses 128 whatever C is)
+    qkv_bias: Optional[bool] = None  # biases on the q, k, v projections; None = bias (Qwen2: q/k/v only)
+    qk_norm: str = "none"  # RMSNorm of q and k: "full" projection (OLMoE) | per "head" (Qwen3-MoE)
+    embedding_multiplier: float = 1.0  # x0 = embedding_multiplier * wte[idx]          (Granite, muP)
+    attention_multiplier: Optional[float] = None  # scores = q k^T * this; None = 1/sqrt(D)
+    residual_multiplier: float = 1.0  # x = x + residual_multiplier * f(Norm(x))
+    logits_scaling: float = 1.0  # logits = Norm(x) W_head / logits_scaling
     dropout: float = 0.0
     init_std: float = 0.02
     # --- attention kind; the MLA sizes (DeepSeek-V2/V3) are None unless attention = "mla" ---
@@ -70,6 +80,16 @@ class Config:
     z_loss_coef: float = 0.0  # ST-MoE router z-loss weight
     bias_update_rate: float = 1e-3  # DeepSeek-V3 selection-bias step (router="sigmoid_bias")
     router_init_std: Optional[float] = None  # None = init_std
+    # --- router and expert variants of the real families (docs/families.md) ---
+    shared_gate: bool = False  # Qwen2-MoE: shared experts' output * sigmoid(x W_gate), a scalar per token
+    n_group: int = 1  # group-limited routing (DeepSeek-V3): experts in n_group groups ...
+    topk_group: int = 1  # ... and each token picks its experts from its topk_group best groups
+    routed_scaling_factor: float = 1.0  # the routed experts' gates are multiplied by this (DeepSeek-V3)
+    router_logit_bias: bool = False  # a trained bias on the router logits, x W + b (Switch)
+    router_jitter: float = 0.0  # training only: input * U(1 - j, 1 + j) before routing (Switch, Mixtral)
+    jitter_scope: str = (
+        "router"  # jitter the router's input ("router", Switch) or all the MoE's ("moe", Mixtral)
+    )
     # --- bookkeeping ---
     name: str = ""
     counted_only: bool = False  # a published full-size config: count it, never build it
@@ -82,6 +102,8 @@ class Config:
                 setattr(self, key, value)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.n_embd
         if self.expert_hidden is None:
@@ -117,15 +139,15 @@ class Config:
 
         for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "it must be an integer >= 1")
-        need(self.n_embd % self.n_head == 0, "n_embd", f"it must be divisible by n_head = {self.n_head}")
+        if self.head_dim is None:
+            need(self.n_embd % self.n_head == 0, "n_embd", f"it must be divisible by n_head = {self.n_head}")
         need(self.n_head % self.n_kv_head == 0, "n_kv_head", f"it must divide n_head = {self.n_head}")
         need(self.norm in NORMS, "norm", f"it must be one of {NORMS}")
         need(self.activation in ACTIVATIONS, "activation", f"it must be one of {ACTIVATIONS}")
         need(self.pos_emb in POS_EMBS, "pos_emb", f"it must be one of {POS_EMBS}")
-        if self.pos_emb == "rope":
-            need(
-                (self.n_embd // self.n_head) % 2 == 0, "n_embd", "RoPE needs an even head size n_embd/n_head"
-            )
+        if self.pos_emb == "rope" and self.attention != "mla":  # MLA checks its own RoPE part
+            field = "n_embd" if self.head_dim is None else "head_dim"
+            need(self.head_size % 2 == 0, field, "RoPE needs an even head size (head_dim or n_embd/n_head)")
         need(self.rope_theta > 0, "rope_theta", "it must be > 0")
         need(self.norm_eps > 0, "norm_eps", "it must be > 0")
         need(0.0 <= self.dropout < 1.0, "dropout", "it must be in [0, 1)")
@@ -153,7 +175,58 @@ class Config:
             )
             need(self.aux_loss_coef >= 0, "aux_loss_coef", "it must be >= 0")
             need(self.z_loss_coef >= 0, "z_loss_coef", "it must be >= 0")
+            self._validate_router_variants(need)
+        self._validate_attention_variants(need)
         self._validate_mla(need)
+
+    def _validate_attention_variants(self, need):
+        """The head size, QK-norm and muP multipliers (issue 14's attention and scaling variants)."""
+        if self.head_dim is not None:
+            need(
+                isinstance(self.head_dim, int) and self.head_dim >= 1,
+                "head_dim",
+                "it must be an integer >= 1",
+            )
+        need(self.qk_norm in QK_NORMS, "qk_norm", f"it must be one of {QK_NORMS}")
+        for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            need(getattr(self, f) > 0, f, "it must be > 0")
+        if self.attention_multiplier is not None:
+            need(self.attention_multiplier > 0, "attention_multiplier", "it must be > 0 (or None: 1/sqrt(D))")
+
+    def _validate_router_variants(self, need):
+        """Router groups, scaling, bias and jitter; gated shared experts (issue 14's MoE variants)."""
+        E = self.n_experts
+        need(self.routed_scaling_factor > 0, "routed_scaling_factor", "it must be > 0")
+        need(0.0 <= self.router_jitter < 1.0, "router_jitter", "it must be in [0, 1)")
+        need(self.jitter_scope in JITTER_SCOPES, "jitter_scope", f"it must be one of {JITTER_SCOPES}")
+        need(
+            not self.shared_gate or self.n_shared_experts > 0,
+            "shared_gate",
+            "a gate needs shared experts (n_shared_experts > 0)",
+        )
+        need(isinstance(self.n_group, int) and self.n_group >= 1, "n_group", "it must be an integer >= 1")
+        if self.n_group > 1:
+            need(
+                self.router == "sigmoid_bias",
+                "n_group",
+                "group-limited routing is DeepSeek-V3's and needs router='sigmoid_bias'",
+            )
+            need(
+                E % self.n_group == 0 and E // self.n_group >= 2,
+                "n_group",
+                f"it must divide n_experts = {E} into groups of at least 2 (a group scores by its top 2)",
+            )
+        need(
+            isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group,
+            "topk_group",
+            f"it must be between 1 and n_group = {self.n_group}",
+        )
+        if self.n_group > 1:
+            need(
+                self.top_k <= self.topk_group * (E // self.n_group),
+                "topk_group",
+                f"its {self.topk_group} group(s) of {E // self.n_group} experts must hold top_k = {self.top_k}",
+            )
 
     def _validate_mla(self, need):
         """The attention kind and, for MLA, its sizes and the combinations it cannot take."""
@@ -180,11 +253,19 @@ class Config:
             "n_kv_head",
             f"attention='mla' has no key/value heads to group: it must equal n_head = {self.n_head}",
         )
+        need(not self.qkv_bias, "qkv_bias", "attention='mla' has no attention biases here: set it False")
+        need(self.qk_norm == "none", "qk_norm", "attention='mla' normalises its latents instead: set 'none'")
+        need(
+            self.attention_multiplier is None,
+            "attention_multiplier",
+            "attention='mla' scales its scores by 1/sqrt(qk_nope_head_dim + qk_rope_head_dim): set None",
+        )
 
     # ----- derived -----
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        """D, the size of one attention head: head_dim, or n_embd / n_head when that is None."""
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
 
     @property
     def rope_dim(self) -> int:

@@ -7,9 +7,11 @@
 Block i (pre-norm, as in GPT-2 and Llama):
     x = x + Dropout(Attention(Norm1(x)))
     x = x + Dropout(MLP(Norm2(x)))       # MLP: dense (layers/ffn.py) or MoE (layers/moe.py)
+Granite's muP-style scalars (Config, 1 elsewhere): x0 = embedding_multiplier * wte[idx], each
+branch enters the residual as residual_multiplier * f(...), logits = Norm(x) W_head / logits_scaling.
 Parameter names (C channels, F hidden, V vocab, E experts):
     wte (V, C) token embedding;  wpe (block_size, C) learned positions (gpt2 flavour)
-    blocks.i.ln1.w/.b, blocks.i.attn.wqkv/.bqkv/.wo/.bo, blocks.i.ln2.w/.b
+    blocks.i.ln1.w/.b, blocks.i.attn.wqkv/.bqkv/.wo/.bo(/.q_norm.w/.k_norm.w with QK-norm), blocks.i.ln2.w/.b
     blocks.i.attn.wq_a/.q_a_norm.w/.wq_b/.wkv_a/.kv_a_norm.w/.wkv_b/.wo with attention="mla"
         (or .wq for a direct query; layers/mla.py)
     blocks.i.mlp.w1/.b1/.w2/.b2 (GELU) or blocks.i.mlp.w1/.w3/.w2 (SwiGLU)
@@ -26,56 +28,14 @@ import numpy
 from minimoe import backend
 from minimoe.config import Config
 from minimoe.layers import attention, exchange, ffn, mla, moe
+from minimoe.layers.params import init_params, param_shapes
 from minimoe.ops import dropout, embedding, linear, loss, norm
 from minimoe.ops.attention import rope_tables
 
 
-def _init_params(config: Config, seed: int) -> dict:
-    """Host (numpy, float64) initial weights, so every backend starts from identical numbers.
-
-    N(0, init_std) for matrices, with GPT-2's 1/sqrt(2 * n_layer) shrink on the projections that
-    write into the residual stream (attn.wo, mlp.w2, experts' w2); ones for norm gains; zeros
-    for biases.
-    """
-    c = config
-    rng = numpy.random.default_rng(seed)
-    C, V, H, Hkv, D, F = c.n_embd, c.vocab_size, c.n_head, c.n_kv_head, c.head_size, c.ffn_hidden
-    std, std_out = c.init_std, c.init_std / math.sqrt(2 * c.n_layer)
-    p = {}
-
-    def normal(shape, s):
-        return rng.standard_normal(shape) * s
-
-    p["wte"] = normal((V, C), std)
-    if c.pos_emb == "learned":
-        p["wpe"] = normal((c.block_size, C), std)
-    for i in range(c.n_layer):
-        pre = f"blocks.{i}."
-        p[pre + "ln1.w"] = numpy.ones(C)
-        if c.norm == "layernorm":
-            p[pre + "ln1.b"] = numpy.zeros(C)
-        if c.attention == "mla":
-            p.update(mla.init_params(c, pre + "attn.", rng, std, std_out))
-        else:
-            p[pre + "attn.wqkv"] = normal((C, (H + 2 * Hkv) * D), std)
-            if c.bias:
-                p[pre + "attn.bqkv"] = numpy.zeros((H + 2 * Hkv) * D)
-            p[pre + "attn.wo"] = normal((H * D, C), std_out)
-            if c.bias:
-                p[pre + "attn.bo"] = numpy.zeros(C)
-        p[pre + "ln2.w"] = numpy.ones(C)
-        if c.norm == "layernorm":
-            p[pre + "ln2.b"] = numpy.zeros(C)
-        if c.is_moe_block(i):
-            p.update(moe.init_params(c, pre + "moe.", rng, std, std_out))
-        else:
-            p.update(ffn.init_ffn_params(c, pre + "mlp.", F, rng, std, std_out))
-    p["ln_f.w"] = numpy.ones(C)
-    if c.norm == "layernorm":
-        p["ln_f.b"] = numpy.zeros(C)
-    if not c.tie_embeddings:
-        p["lm_head"] = normal((C, V), std)
-    return p
+def _scale(x, s: float):
+    """x * s, or x itself when s = 1 (the muP-style multipliers are 1 outside Granite)."""
+    return x if s == 1.0 else x * s
 
 
 class StepCaches(dict):
@@ -105,7 +65,7 @@ class StepCaches(dict):
 class GPT:
     """A GPT-style language model (dense or Mixture-of-Experts) with a hand-written backward."""
 
-    def __init__(self, config: Config, seed: int = 0, dtype: str | None = None):
+    def __init__(self, config: Config, seed: int = 0, dtype: str | None = None, params: dict | None = None):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a minimoe.Config, got {type(config).__name__}")
         if config.counted_only:
@@ -119,8 +79,13 @@ class GPT:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         self.xp = backend.get_xp()
-        host = _init_params(config, seed)
-        self.params = {k: backend.to_device(v, self.xp, self.dtype) for k, v in host.items()}
+        # params (given: name -> host array, e.g. from a checkpoint; the dict is emptied) are
+        # converted one by one, each dropped once converted: two copies of the weights never coexist
+        if params is None:
+            params = init_params(config, seed)
+        elif {k: tuple(v.shape) for k, v in params.items()} != param_shapes(config):
+            raise ValueError("params must hold exactly the names and shapes of param_shapes(config)")
+        self.params = {k: backend.to_device(params.pop(k), self.xp, self.dtype) for k in param_shapes(config)}
         self.grads: dict = {}
         # State that is not trained by the optimizer (e.g. DeepSeek-V3's selection bias).
         self.buffers = {
@@ -196,6 +161,7 @@ class GPT:
         caches, self._cache = StepCaches(previous=self._cache), None
 
         x, caches["wte"] = embedding.embedding_forward(idx, p["wte"])
+        x = _scale(x, c.embedding_multiplier)
         if c.pos_emb == "learned":
             x = x + p["wpe"][pos0 : pos0 + T]
         x, caches["drop_emb"] = dropout.dropout_forward(x, c.dropout, self.rng, train)
@@ -210,15 +176,16 @@ class GPT:
             h, caches[pre + "ln1"] = self._norm_forward(x, pre + "ln1")
             a, caches[pre + "attn"] = self._attention_forward(i, h, rope, kv_cache)
             a, caches[pre + "drop1"] = dropout.dropout_forward(a, c.dropout, self.rng, train)
-            x = x + a
+            x = x + _scale(a, c.residual_multiplier)
             # x = x + Dropout(MLP(Norm2(x)))
             h, caches[pre + "ln2"] = self._norm_forward(x, pre + "ln2")
             m, caches[pre + "mlp"] = self._mlp_forward(i, h, train)
             m, caches[pre + "drop2"] = dropout.dropout_forward(m, c.dropout, self.rng, train)
-            x = x + m
+            x = x + _scale(m, c.residual_multiplier)
         x, caches["ln_f"] = self._norm_forward(x, "ln_f")
         head = p["wte"].T if c.tie_embeddings else p["lm_head"]
         logits, caches["head"] = linear.linear_forward(x, head)
+        logits = _scale(logits, 1.0 / c.logits_scaling)
 
         if kv_cache is not None:
             kv_cache.pos += T
@@ -253,16 +220,26 @@ class GPT:
         if c.attention == "mla":
             return mla.mla_block_forward(c, h, p, pre, rope, kv)
         w = p[pre + "wqkv"], p.get(pre + "bqkv"), p[pre + "wo"], p.get(pre + "bo")
-        return attention.self_attention_forward(h, *w, c.n_head, c.n_kv_head, rope, kv)
+        qk = None
+        if c.qk_norm != "none":
+            qk = attention.QKNorm(c.qk_norm == "head", p[pre + "q_norm.w"], p[pre + "k_norm.w"], c.norm_eps)
+        # Granite's attention_multiplier m replaces 1/sqrt(D): scores q k^T m = (q m sqrt(D)) k^T / sqrt(D)
+        m = c.attention_multiplier
+        q_scale = 1.0 if m is None else m * math.sqrt(c.head_size)
+        return attention.self_attention_forward(h, *w, c.n_head, c.n_kv_head, rope, kv, qk, q_scale)
 
     def _attention_backward(self, i, da, cache):
         """Backward of `_attention_forward`: -> dh; the block's attention gradients go to self.grads."""
         pre, g = f"blocks.{i}.attn.", self.grads
         if self.config.attention == "mla":
             return mla.mla_block_backward(da, cache, pre, g)
-        dh, g[pre + "wqkv"], dbqkv, g[pre + "wo"], dbo = attention.self_attention_backward(da, cache)
+        dh, g[pre + "wqkv"], dbqkv, g[pre + "wo"], dbo, *dqk = attention.self_attention_backward(da, cache)
         if dbqkv is not None:
-            g[pre + "bqkv"], g[pre + "bo"] = dbqkv, dbo
+            g[pre + "bqkv"] = dbqkv
+        if dbo is not None:
+            g[pre + "bo"] = dbo
+        if dqk:
+            g[pre + "q_norm.w"], g[pre + "k_norm.w"] = dqk
         return dh
 
     def _mlp_forward(self, i, h, train):
@@ -312,7 +289,7 @@ class GPT:
         c, p, caches = self.config, self.params, self._cache
         g = self.grads = {}  # filled by the helpers below, then put in the order of self.params
 
-        dlogits = loss.cross_entropy_backward(self._lm_share, caches["loss"])
+        dlogits = _scale(loss.cross_entropy_backward(self._lm_share, caches["loss"]), 1.0 / c.logits_scaling)
         dx, dhead, _ = linear.linear_backward(dlogits, caches["head"])
         if c.tie_embeddings:
             dwte_head = dhead.T  # the head is wte^T: its gradient joins the embedding's below
@@ -323,11 +300,11 @@ class GPT:
         for i in reversed(range(c.n_layer)):
             pre = f"blocks.{i}."
             # x = x + Dropout(MLP(Norm2(x)))
-            dm = dropout.dropout_backward(dx, caches[pre + "drop2"])
+            dm = dropout.dropout_backward(_scale(dx, c.residual_multiplier), caches[pre + "drop2"])
             dh = self._mlp_backward(i, dm, caches[pre + "mlp"])
             dx = dx + self._norm_backward(dh, caches[pre + "ln2"], pre + "ln2")
             # x = x + Dropout(Attention(Norm1(x)))
-            da = dropout.dropout_backward(dx, caches[pre + "drop1"])
+            da = dropout.dropout_backward(_scale(dx, c.residual_multiplier), caches[pre + "drop1"])
             dh = self._attention_backward(i, da, caches[pre + "attn"])
             dx = dx + self._norm_backward(dh, caches[pre + "ln1"], pre + "ln1")
 
@@ -337,7 +314,7 @@ class GPT:
             dwpe = self.xp.zeros_like(p["wpe"])
             dwpe[:T] = dx.sum(axis=0)
             g["wpe"] = dwpe
-        g["wte"] = embedding.embedding_backward(dx, caches["wte"])
+        g["wte"] = embedding.embedding_backward(_scale(dx, c.embedding_multiplier), caches["wte"])
         if c.tie_embeddings:
             g["wte"] += dwte_head
         # keep the order of model.params (optimizers and checkpoints walk it)

@@ -3,7 +3,9 @@
 Toy presets (they train on a laptop; all at nanoGPT's laptop size: 4 layers, 4 heads, 128 wide,
 block 64) are MATCHED IN ACTIVE PARAMETERS PER TOKEN: every feed-forward block spends the same
 3 * C * 512 = 196,608 weights on each token (SwiGLU has three C x F matrices), so dense vs MoE
-comparisons give both the same compute per token, and the MoE models more capacity.
+comparisons give both the same compute per token, and the MoE models more capacity. The family
+presets (olmoe, qwen-moe) keep that budget; their few extra active weights (router, QK-norm gains,
+biases, a gate) are listed beside each.
 
 Published full-size presets (counted_only=True) are only for `count_params`; building one
 raises an error.
@@ -57,6 +59,27 @@ PRESETS = {
     "gpt4-rumoured": dict(
         _TOY, n_experts=16, top_k=2, expert_hidden=256, router="softmax", renormalize=True, aux_loss_coef=0.01
     ),
+    # OLMoE-style (Muennighoff et al. 2024): many small experts, top-8 of 64 of F = 64, gates NOT
+    # renormalised, QK-norm over the whole q and k projections, a z-loss. Active FFN weights per
+    # token: 8 * 3*128*64 = 196,608 (= dense) + router 128*64 + QK-norm gains 2*128.
+    "olmoe": dict(_TOY, n_experts=64, top_k=8, expert_hidden=64, router="softmax", renormalize=False,
+                  qk_norm="full", aux_loss_coef=0.01, z_loss_coef=0.001),
+    # Qwen1.5-MoE-style (Qwen team 2024): top-4 of 32 routed experts of F = 64 plus one shared
+    # expert of F = 256 (four routed experts' worth, as in Qwen1.5-MoE) behind a sigmoid gate per
+    # token, gates not renormalised, biases on q, k, v only. Active: (4*64 + 256) * 3*128 =
+    # 196,608 (= dense) + router 128*32 + shared gate 128 + q/k/v biases 3*128.
+    "qwen-moe": dict(_TOY, n_experts=32, top_k=4, expert_hidden=64, n_shared_experts=1, shared_hidden=256,
+                     shared_gate=True, router="softmax", renormalize=False, qkv_bias=True, aux_loss_coef=0.01),
+    # DeepSeek-V3-style (DeepSeek-AI 2024): Multi-head Latent Attention (query latent 64, key/value
+    # latent 64, RoPE part 16: 63,488 attention weights per block against MHA's 65,536), the first
+    # block dense (F = 512), then top-7 of 32 routed experts of F = 64 chosen within the best 4 of 8
+    # groups, plus one shared expert of F = 64; sigmoid gates renormalised and scaled by 2.5, the
+    # load balanced by the selection bias (no balancing loss). Active FFN weights per token:
+    # (7 + 1) * 3*128*64 = 196,608 (= dense) + router 128*32 in the MoE blocks.
+    "deepseek-v3": dict(_TOY, attention="mla", q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+                        qk_rope_head_dim=16, v_head_dim=32, ffn_hidden=512, first_dense=1, n_experts=32, top_k=7,
+                        expert_hidden=64, n_shared_experts=1, shared_hidden=64, router="sigmoid_bias", n_group=8,
+                        topk_group=4, routed_scaling_factor=2.5, aux_loss_coef=0.0, bias_update_rate=1e-3),
     # ---------------- published full-size configurations: counted, never built ----------------
     # GPT-2 small (Radford et al. 2019), 124M.
     "gpt2-124m": dict(
@@ -111,7 +134,8 @@ PRESETS = {
         renormalize=False,
         counted_only=True,
     ),
-    # OLMoE-1B-7B (Muennighoff et al. 2024): 64 experts (F = 1024), top-8; 6.9B total, 1.3B active.
+    # OLMoE-1B-7B (Muennighoff et al. 2024; allenai/OLMoE-1B-7B-0924 config.json): 64 experts
+    # (F = 1024), top-8, QK-norm over the whole projections; 6.9B total, 1.3B active.
     "olmoe-1b-7b": dict(
         flavour="llama",
         vocab_size=50304,
@@ -123,8 +147,42 @@ PRESETS = {
         top_k=8,
         expert_hidden=1024,
         renormalize=False,
+        qk_norm="full",
         counted_only=True,
     ),
+    # Qwen1.5-MoE-A2.7B (Qwen team, "Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated
+    # Parameters", 2024; Qwen/Qwen1.5-MoE-A2.7B config.json): 60 experts (F = 1408), top-4, one
+    # gated shared expert (F = 5632), biases on q/k/v; 14.3B total, 2.7B active.
+    "qwen1.5-moe-a2.7b": dict(flavour="llama", vocab_size=151936, block_size=8192, n_layer=24, n_head=16,
+                              n_embd=2048, ffn_hidden=5632, n_experts=60, top_k=4, expert_hidden=1408,
+                              n_shared_experts=1, shared_hidden=5632, shared_gate=True, qkv_bias=True,
+                              renormalize=False, rope_theta=1e6, counted_only=True),
+    # Qwen3-30B-A3B (Qwen team, Qwen3 technical report 2025; Qwen/Qwen3-30B-A3B config.json and
+    # model card): 128 experts (F = 768), top-8, GQA 32/4 heads of head_dim 128 (H D = 4096 != C),
+    # QK-norm per head; 30.5B total, 3.3B active (we count 3.35B: see docs/families.md).
+    "qwen3-30b-a3b": dict(flavour="llama", vocab_size=151936, block_size=40960, n_layer=48, n_head=32, n_kv_head=4,
+                          head_dim=128, n_embd=2048, ffn_hidden=6144, n_experts=128, top_k=8, expert_hidden=768,
+                          qk_norm="head", rope_theta=1e6, counted_only=True),
+    # DeepSeek-V3 671B (DeepSeek-AI, DeepSeek-V3 technical report 2024, sec. 4.2 and table 1;
+    # deepseek-ai/DeepSeek-V3 config.json): 61 layers, MLA (q latent 1536, kv latent 512, 128 heads of
+    # 128 + 64 RoPE), the first 3 blocks dense (F = 18432), then 256 routed experts (F = 2048) of which
+    # 8, within the best 4 of 8 groups, + 1 shared expert; 671B total, 37B active (we count 671.0B
+    # and 37.6B with the input embedding and output head; the 14B multi-token-prediction module is
+    # not counted, as in the report's 671B).
+    "deepseek-v3-671b": dict(flavour="llama", vocab_size=129280, block_size=4096, n_layer=61, n_head=128,
+                             n_embd=7168, ffn_hidden=18432, norm_eps=1e-6, attention="mla", q_lora_rank=1536,
+                             kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                             first_dense=3, n_experts=256, top_k=8, expert_hidden=2048, n_shared_experts=1,
+                             router="sigmoid_bias", n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                             aux_loss_coef=0.0, counted_only=True),
+    # Granite-3.0-1B-A400M (IBM, Granite 3.0 language models report 2024;
+    # ibm-granite/granite-3.0-1b-a400m-base config.json and model card): 32 experts (F = 512), top-8,
+    # GQA 16/8, tied embeddings, muP multipliers; 1.3B total, 400M active (we count 429M: see
+    # docs/families.md).
+    "granite-3.0-1b-a400m": dict(flavour="llama", vocab_size=49155, block_size=4096, n_layer=24, n_head=16,
+                                 n_kv_head=8, n_embd=1024, n_experts=32, top_k=8, expert_hidden=512,
+                                 tie_embeddings=True, embedding_multiplier=12.0, attention_multiplier=0.015625,
+                                 residual_multiplier=0.22, logits_scaling=6.0, counted_only=True),
     # GPT-4 as RUMOURED: an UNCONFIRMED leak (SemiAnalysis, July 2023; never confirmed by OpenAI):
     # ~1.8T parameters, 120 layers, 16 experts of ~111B each, top-2, ~55B shared attention
     # parameters, ~280B active per token. A width of 10752 (84 heads of 128) with GELU MLP experts
@@ -141,7 +199,7 @@ PRESETS = {
         tie_embeddings=False,
         counted_only=True,
     ),
-}
+}  # fmt: skip
 
 
 def toy_presets() -> list[str]:
@@ -176,7 +234,9 @@ def count_params(config: Config) -> dict:
         return (3 if glu else 2) * C * F + ((F + C) if (c.bias and not glu) else 0)
 
     norm = C * (2 if c.norm == "layernorm" else 1)
-    attn = C * (H + 2 * Hkv) * D + H * D * C + (((H + 2 * Hkv) * D + C) if c.bias else 0)
+    attn = C * (H + 2 * Hkv) * D + H * D * C  # wqkv, wo
+    attn += ((H + 2 * Hkv) * D if c.qkv_bias else 0) + (C if c.bias else 0)  # bqkv, bo
+    attn += {"none": 0, "full": (H + Hkv) * D, "head": 2 * D}[c.qk_norm]  # QK-norm gains
     attn_matmul, score_dims = attn, 2 * H * D  # per key: q.k and p.v, over D, for each head
     if c.attention == "mla":
         attn, attn_matmul, score_dims = mla_attention_counts(c)
@@ -191,8 +251,11 @@ def count_params(config: Config) -> dict:
         matmul_active += attn_matmul
         if c.is_moe_block(i):
             expert = (3 if glu else 2) * C * c.expert_hidden
-            router = C * c.n_experts * (2 if c.router == "noisy" else 1)
+            router = C * c.n_experts * (2 if c.router == "noisy" else 1) + (
+                c.n_experts if c.router_logit_bias else 0
+            )
             shared = ffn(c.n_shared_experts * c.shared_hidden) if c.n_shared_experts else 0
+            shared += C if c.shared_gate else 0  # Qwen2-MoE's gate of the shared experts, W_gate (C, 1)
             total += c.n_experts * expert + router + shared
             used = c.top_k * expert + router + shared
             active += used

@@ -45,9 +45,9 @@ def router_margin(monkeypatch):
         record(logits, k)
         return softmax_topk(logits, k, renormalize)
 
-    def sigmoid_bias_topk_recorded(logits, bias, k):
+    def sigmoid_bias_topk_recorded(logits, bias, k, *variant):  # variant: renormalize, n_group, topk_group
         record(sigmoid(logits) + bias, k)
-        return sigmoid_bias_topk(logits, bias, k)
+        return sigmoid_bias_topk(logits, bias, k, *variant)
 
     monkeypatch.setattr(router, "softmax_topk_forward", softmax_topk_recorded)
     monkeypatch.setattr(router, "sigmoid_bias_topk_forward", sigmoid_bias_topk_recorded)

@@ -10,13 +10,26 @@ FULL = [name for name, d in PRESETS.items() if d.get("counted_only")]
 
 
 def test_toy_and_full_presets_are_the_documented_ones():
-    assert TOY == ["dense", "mixtral", "switch", "deepseek", "gpt4-rumoured"]
+    assert TOY == [
+        "dense",
+        "mixtral",
+        "switch",
+        "deepseek",
+        "gpt4-rumoured",
+        "olmoe",
+        "qwen-moe",
+        "deepseek-v3",
+    ]
     assert set(FULL) == {
         "gpt2-124m",
         "gpt3-175b",
         "mixtral-8x7b",
         "deepseek-moe-16b",
         "olmoe-1b-7b",
+        "qwen1.5-moe-a2.7b",
+        "qwen3-30b-a3b",
+        "granite-3.0-1b-a400m",
+        "deepseek-v3-671b",
         "gpt4-rumoured-full",
     }
 
@@ -27,6 +40,15 @@ def test_toy_and_full_presets_are_the_documented_ones():
         ("mixtral-8x7b", 46.7e9, 12.9e9, 0.01),  # Jiang et al. 2024
         ("deepseek-moe-16b", 16.4e9, 2.8e9, 0.03),  # Dai et al. 2024
         ("olmoe-1b-7b", 6.9e9, 1.3e9, 0.03),  # Muennighoff et al. 2024
+        ("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9, 0.01),  # Qwen team 2024
+        ("qwen3-30b-a3b", 30.5e9, 3.3e9, 0.02),  # Qwen3 model card: we count 3.35B active
+        ("granite-3.0-1b-a400m", 1.3e9, 400e6, 0.08),
+        (
+            "deepseek-v3-671b",
+            671e9,
+            37e9,
+            0.015,
+        ),  # DeepSeek-AI 2024: we count 671.0B and 37.6B  # IBM 2024, 1-2 significant figures: 1.34B, 429M
         ("gpt4-rumoured-full", 1.8e12, 280e9, 0.05),  # the unconfirmed 2023 leak
         ("gpt3-175b", 175e9, 175e9, 0.01),  # Brown et al. 2020 (dense: active == total)
     ],
@@ -55,6 +77,9 @@ V, C, L = 256, 128, 4
 EMBED_HEAD_NORM = V * C + C * V + C  # token embedding, output head, final RMSNorm
 ATTN_AND_NORMS = C * 3 * C + C * C + 2 * C  # wqkv, wo, two RMSNorm gains
 SWIGLU = 3 * C  # weights per unit of hidden width F (w1, w3: C x F; w2: F x C)
+# the deepseek-v3 preset's MLA: wq_a C x 64, its norm, wq_b 64 x 4(32 + 16), wkv_a C x (64 + 16), its norm,
+# wkv_b 64 x 4(32 + 32), wo 4*32 x C; and the two RMSNorm gains of the block
+MLA_AND_NORMS = C * 64 + 64 + 64 * 4 * 48 + C * 80 + 64 + 64 * 4 * 64 + 4 * 32 * C + 2 * C
 
 ACTIVE_BY_HAND = {
     "dense": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + SWIGLU * 512),
@@ -66,6 +91,12 @@ ACTIVE_BY_HAND = {
     "deepseek": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 3 * SWIGLU * 128 + SWIGLU * 128 + C * 16),
     # 2 of 16 experts of F = 256 + router C x 16
     "gpt4-rumoured": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 2 * SWIGLU * 256 + C * 16),
+    # 8 of 64 experts of F = 64 + router C x 64 + QK-norm gains over q and k (C each)
+    "olmoe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 8 * SWIGLU * 64 + C * 64 + 2 * C),
+    # 4 of 32 experts of F = 64 + a shared expert of F = 256 + its gate C x 1 + router C x 32 + q/k/v biases
+    "qwen-moe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 4 * SWIGLU * 64 + SWIGLU * 256 + C + C * 32 + 3 * C),
+    # MLA; block 0 dense (F = 512); then 7 of 32 experts of F = 64 + a shared one of F = 64 + router C x 32
+    "deepseek-v3": EMBED_HEAD_NORM + L * MLA_AND_NORMS + SWIGLU * 512 + (L - 1) * (8 * SWIGLU * 64 + C * 32),
 }
 TOTAL_BY_HAND = {
     "dense": ACTIVE_BY_HAND["dense"],
@@ -73,6 +104,9 @@ TOTAL_BY_HAND = {
     "switch": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 8 * SWIGLU * 512 + C * 8),
     "deepseek": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 16 * SWIGLU * 128 + SWIGLU * 128 + C * 16),
     "gpt4-rumoured": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 16 * SWIGLU * 256 + C * 16),
+    "olmoe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 64 * SWIGLU * 64 + C * 64 + 2 * C),
+    "qwen-moe": EMBED_HEAD_NORM + L * (ATTN_AND_NORMS + 32 * SWIGLU * 64 + SWIGLU * 256 + C + C * 32 + 3 * C),
+    "deepseek-v3": EMBED_HEAD_NORM + L * MLA_AND_NORMS + SWIGLU * 512 + (L - 1) * (33 * SWIGLU * 64 + C * 32),
 }
 
 

@@ -15,8 +15,9 @@ from minimoe.checkpoint import CheckpointError
 from minimoe.data import DataError
 from minimoe.errors import OptionError
 from minimoe.progress import Progress, format_duration
+from minimoe.run import VAL_FRACTION, load_data
 from minimoe.signals import StopRequest
-from minimoe.train import VAL_FRACTION, TrainOptions, load_data, train
+from minimoe.train import TrainOptions, train
 
 TINY = dict(preset="mixtral", n_layer=2, n_embd=32, n_head=2, n_experts=4, top_k=2, block_size=32,
             batch_size=8, lr=1e-2, warmup_iters=5, eval_iters=4, sample_tokens=0, device=DEVICE)  # fmt: skip

@@ -40,6 +40,28 @@ def _check_supported(c):
         raise ConfigError("the torch twin has no noisy router; use router 'softmax' or 'sigmoid_bias'")
     if c.n_experts and c.capacity_factor:
         raise ConfigError(f"the torch twin is dropless; got capacity_factor = {c.capacity_factor}")
+    _check_family_features(c)
+
+
+# The real families' features (docs/families.md) the twin does not build, with the plain value it
+# computes; MoE-only ones are checked on MoE models only. Refused rather than timed as other work.
+_PLAIN = dict(attention="mha", head_dim=None, qkv_bias=None, qk_norm="none", embedding_multiplier=1.0,
+              attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)  # fmt: skip
+_PLAIN_MOE = dict(shared_gate=False, n_group=1, routed_scaling_factor=1.0, router_logit_bias=False,
+                  router_jitter=0.0)  # fmt: skip
+
+
+def _check_family_features(c):
+    plain = dict(_PLAIN, qkv_bias=c.bias, activation=c.activation if c.activation != "relu" else "swiglu")
+    if c.n_experts:
+        plain.update(_PLAIN_MOE)
+        if c.router == "sigmoid_bias":
+            plain["renormalize"] = True
+    for field, want in plain.items():
+        if getattr(c, field) != want:
+            raise ConfigError(
+                f"the torch twin does not build {field} = {getattr(c, field)!r} (only {want!r})"
+            )
 
 
 def _norm(c, dtype):

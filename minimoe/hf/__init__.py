@@ -1,4 +1,5 @@
-"""Import and export Hugging Face GPT-2 and Mixtral weights; read local checkpoints without torch.
+"""Import and export Hugging Face weights (GPT-2, Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Granite-MoE,
+Granite-MoE-Shared, DeepSeek-V3; docs/hf.md, docs/families.md); read local checkpoints without torch.
 
     from minimoe import hf
     model = hf.from_hf(state_dict, hf_config)            # HF names -> minimoe.GPT (logits equal HF's)
@@ -7,7 +8,8 @@
     hf.save_pretrained(model, "path/to/dir")             # the reverse: transformers can load the folder
 
 Where each part lives:
-    hf/config.py          config.json <-> Config (config_from_hf, hf_config_from)
+    hf/config.py          config.json <-> Config (config_from_hf, hf_config_from, family)
+    hf/families.py        the MoE families' config.json tables and decisions
     hf/names.py           the name maps as tables: which HF tensors make each of our parameters, and how
     hf/load.py            from_hf / to_hf, load_pretrained / save_pretrained, the tokenizer wrapper
     minimoe/safetensors.py  the file format, read and written with numpy alone

@@ -1,10 +1,11 @@
-"""Hugging Face config.json <-> minimoe.Config, for GPT-2 and Mixtral.
+"""Hugging Face config.json <-> minimoe.Config, for GPT-2 and the MoE families of hf/families.py
+(Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Granite-MoE, Granite-MoE-Shared).
 
     config = config_from_hf(json.load(open("config.json")))   # ConfigError names any field we lack
     hf_config = hf_config_from(model_or_config)               # the reverse, for save_pretrained
 
-Most fields are plain copies, listed in GPT2_FIELDS / MIXTRAL_FIELDS (read in one direction,
-written back in the other); the code below handles only the fields that need a decision.
+Most fields are plain copies, listed in GPT2_FIELDS and hf/families.py's tables (read in one
+direction, written back in the other); the code handles only the fields that need a decision.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ import re
 from minimoe.config import Config
 from minimoe.errors import ConfigError
 from minimoe.filecheck import is_int, is_number
+from minimoe.hf.families import (
+    FAMILIES,
+    check_family,
+    detect,
+    field_names,
+    field_table,
+    llama_config,
+    llama_hf_config,
+)
 from minimoe.model import GPT
 
-MODEL_TYPES = ("gpt2", "mixtral")
+MODEL_TYPES = ("gpt2", *FAMILIES)
 
 # Config field: (config.json field, transformers' default when the field is absent).
 # A float or bool default also gives the type the value is read as.
@@ -30,25 +40,8 @@ GPT2_FIELDS = {
     "tie_embeddings": ("tie_word_embeddings", True),
     "init_std": ("initializer_range", 0.02),
 }
-MIXTRAL_FIELDS = {
-    "vocab_size": ("vocab_size", None),
-    "block_size": ("max_position_embeddings", 131072),
-    "n_layer": ("num_hidden_layers", 32),
-    "n_head": ("num_attention_heads", 32),
-    "n_kv_head": ("num_key_value_heads", None),  # None: as many as query heads
-    "n_embd": ("hidden_size", 4096),
-    "expert_hidden": ("intermediate_size", 14336),
-    "norm_eps": ("rms_norm_eps", 1e-5),
-    "rope_theta": ("rope_theta", 1e6),
-    "tie_embeddings": ("tie_word_embeddings", False),
-    "n_experts": ("num_local_experts", 8),
-    "top_k": ("num_experts_per_tok", 2),
-    "aux_loss_coef": ("router_aux_loss_coef", 0.001),
-    "init_std": ("initializer_range", 0.02),
-}
 # Config fields that are not plain copies, with the config.json field an error should name.
 GPT2_ALSO = {"ffn_hidden": "n_inner", "dropout": "resid_pdrop"}
-MIXTRAL_ALSO = {"ffn_hidden": "intermediate_size"}
 
 # GPT-2 activation_function -> our activation. gelu_new and gelu_pytorch_tanh are the same tanh
 # approximation; gelu is the exact erf form.
@@ -66,6 +59,13 @@ OTHER_FIELD_TYPES = {
     ),
     **dict.fromkeys(("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention"), "bool"),
     **dict.fromkeys(("attention_bias", "mlp_bias"), "bool"),
+    # the MoE families (hf/families.py) beyond their tables
+    **dict.fromkeys(("q_lora_rank", "n_group", "topk_group", "num_nextn_predict_layers"), "int?"),
+    **dict.fromkeys(("use_sliding_window", "rope_interleave"), "bool"),
+    **dict.fromkeys(("scoring_func", "topk_method"), "str"),
+    "moe_layer_freq": "int",
+    "clip_qkv": "num?",
+    "mlp_only_layers": "ints?",
 }
 TYPE_CHECKS = {
     "int": (is_int, "an integer"),
@@ -74,6 +74,11 @@ TYPE_CHECKS = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "dict?": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "num?": (lambda v: v is None or is_number(v), "a finite number or null"),
+    "ints?": (
+        lambda v: v is None or (isinstance(v, list) and all(is_int(i) for i in v)),
+        "a list of integers or null",
+    ),
 }
 
 
@@ -115,13 +120,14 @@ def _copy(cfg: dict, table: dict) -> dict:
 
 # ------------------------------------------------------------------------------ config.json -> ours
 def config_from_hf(hf_config: dict, training: bool = False) -> Config:
-    """The minimoe Config of a GPT-2 or Mixtral config.json (a dict); ConfigError naming any
+    """The minimoe Config of a config.json (a dict) of one of MODEL_TYPES; ConfigError naming any
     field we cannot represent.
 
     Dropout and router jitter act only in training. With training=False (inference, the
     default) they are ignored and our dropout is 0; with training=True they must be ones we
     have: one dropout rate (resid_pdrop = embd_pdrop; attn_pdrop 0, as we have no dropout on the
-    attention probabilities; Mixtral's attention_dropout 0) and router_jitter_noise 0.
+    attention probabilities; the MoE families' attention_dropout 0), and Mixtral's
+    router_jitter_noise becomes our router_jitter over the whole MoE input (jitter_scope "moe").
     Fields not named here (token ids, use_cache, architectures, ...) do not change the function.
     """
     if not isinstance(hf_config, dict):
@@ -130,14 +136,13 @@ def config_from_hf(hf_config: dict, training: bool = False) -> Config:
     kind = cfg.get("model_type")
     if kind not in MODEL_TYPES:
         raise ConfigError(f"hf_config['model_type'] = {kind!r} is not supported; valid: {MODEL_TYPES}")
-    check_field_types(cfg, GPT2_FIELDS if kind == "gpt2" else MIXTRAL_FIELDS)
-    kw = _gpt2_config(cfg, training) if kind == "gpt2" else _mixtral_config(cfg, training)
+    check_field_types(cfg, GPT2_FIELDS if kind == "gpt2" else field_table(kind))
+    kw = _gpt2_config(cfg, training) if kind == "gpt2" else llama_config(cfg, kind, training)
     try:
         return Config(name=str(cfg.get("_name_or_path") or kind), **kw)
     except ConfigError as e:  # name the HF field behind the Config field that Config rejected
         ours = re.match(r"Config\.(\w+)", str(e))
-        names = {k: v[0] for k, v in (GPT2_FIELDS if kind == "gpt2" else MIXTRAL_FIELDS).items()}
-        names.update(GPT2_ALSO if kind == "gpt2" else MIXTRAL_ALSO)
+        names = {k: v[0] for k, v in GPT2_FIELDS.items()} | GPT2_ALSO if kind == "gpt2" else field_names(kind)
         theirs = names.get(ours.group(1)) if ours else None
         where = f" (hf_config[{theirs!r}])" if theirs else ""
         raise ConfigError(f"this {kind} config cannot be represented in minimoe{where}: {e}") from None
@@ -162,43 +167,6 @@ def _gpt2_config(cfg: dict, training: bool) -> dict:
     return kw
 
 
-def _mixtral_config(cfg: dict, training: bool) -> dict:
-    kw = _copy(cfg, MIXTRAL_FIELDS)
-    C, H = kw["n_embd"], kw["n_head"]
-    if cfg.get("hidden_act", "silu") != "silu":
-        _fail("hidden_act", cfg["hidden_act"], "Mixtral's experts are SwiGLU, valid: 'silu'")
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim * H != C:
-        _fail("head_dim", head_dim, f"it must equal hidden_size / num_attention_heads = {C}/{H}")
-    for field in ("attention_bias", "mlp_bias"):
-        if cfg.get(field):
-            _fail(field, cfg[field], "minimoe's llama flavour has no biases")
-    if cfg.get("rope_scaling"):
-        _fail("rope_scaling", cfg["rope_scaling"], "only plain RoPE (rope_scaling null) is supported")
-    for key, value in (cfg.get("rope_parameters") or {}).items():  # transformers >= 5 keeps rope_theta here
-        if key == "rope_theta":
-            kw["rope_theta"] = float(value)
-        elif (key, value) not in (("rope_type", "default"), ("partial_rotary_factor", 1.0)):
-            _fail(f"rope_parameters.{key}", value, "only plain RoPE (rope_type 'default') is supported")
-    if training and cfg.get("router_jitter_noise", 0.0) > 0:
-        _fail("router_jitter_noise", cfg["router_jitter_noise"], "minimoe has no input jitter; set it to 0")
-    # Sliding-window attention equals full causal attention while T <= sliding_window, so we
-    # cap the context there: longer sequences are refused rather than computed differently.
-    window = cfg.get("sliding_window")
-    if window is not None and window < kw["block_size"]:
-        kw["block_size"] = window
-    kw.update(
-        flavour="llama",
-        ffn_hidden=kw["expert_hidden"],  # unused: every Mixtral block is MoE
-        dropout=_dropout(cfg, training, (), ("attention_dropout",), 0.0),
-        router="softmax",  # softmax over all E, top-k, renormalised over the chosen k
-        renormalize=True,
-        capacity_factor=0.0,  # dropless
-        z_loss_coef=0.0,
-    )
-    return kw
-
-
 def _dropout(cfg, training, same, zero, default):
     """Our one dropout rate: the common value of the fields `same`; the fields `zero` must be 0."""
     if not training:
@@ -214,72 +182,51 @@ def _dropout(cfg, training, same, zero, default):
 
 
 # ------------------------------------------------------------------------------ ours -> config.json
-def hf_config_from(model_or_config) -> dict:
-    """The config.json (a dict) of a GPT-2- or Mixtral-shaped minimoe model or Config.
-
-    ConfigError naming the first Config field that neither architecture has.
+def hf_config_from(model_or_config, model_type: str | None = None) -> dict:
+    """The config.json (a dict) of a minimoe model or Config, as HF architecture `model_type`
+    (one of MODEL_TYPES; None: the one `family` picks). ConfigError naming the first Config field
+    that architecture cannot represent.
     """
     c = model_or_config.config if isinstance(model_or_config, GPT) else model_or_config
-    kind = family(c)
-    table = GPT2_FIELDS if kind == "gpt2" else MIXTRAL_FIELDS
-    out = {
-        "model_type": kind,
-        "architectures": ["GPT2LMHeadModel" if kind == "gpt2" else "MixtralForCausalLM"],
-    }
-    out.update({theirs: getattr(c, ours) for ours, (theirs, _) in table.items()})
-    if kind == "gpt2":
-        out.update(
-            n_inner=c.ffn_hidden,
-            activation_function={"gelu": "gelu_new", "gelu_exact": "gelu"}[c.activation],
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=0.0,
-            scale_attn_weights=True,
-            scale_attn_by_inverse_layer_idx=False,
-            reorder_and_upcast_attn=False,
-        )
-    else:
-        out.update(
-            head_dim=c.head_size,
-            hidden_act="silu",
-            sliding_window=None,
-            attention_dropout=0.0,
-            router_jitter_noise=0.0,
-            output_router_logits=False,
-        )
+    kind = family(c, model_type)
+    if kind != "gpt2":
+        return llama_hf_config(c, kind)
+    out = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    out.update({theirs: getattr(c, ours) for ours, (theirs, _) in GPT2_FIELDS.items()})
+    out.update(
+        n_inner=c.ffn_hidden,
+        activation_function={"gelu": "gelu_new", "gelu_exact": "gelu"}[c.activation],
+        resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout,
+        attn_pdrop=0.0,
+        scale_attn_weights=True,
+        scale_attn_by_inverse_layer_idx=False,
+        reorder_and_upcast_attn=False,
+    )
     return out
 
 
-# What a llama-flavour Config must be to be a Mixtral: every block a dropless top-k MoE of SwiGLU
-# experts, a renormalised softmax router, no shared experts, no z-loss.
-MIXTRAL_NEEDS = {
-    "activation": "swiglu",
-    "pos_emb": "rope",
-    "bias": False,
-    "moe_every": 1,
-    "first_dense": 0,
-    "n_shared_experts": 0,
-    "router": "softmax",
-    "renormalize": True,
-    "capacity_factor": 0.0,
-    "z_loss_coef": 0.0,
-}
-
-
-def family(c: Config) -> str:
-    """'gpt2' or 'mixtral': the HF architecture whose function this Config computes;
-    ConfigError naming the first field that neither has."""
-    if c.norm == "layernorm":
-        kind, need = "GPT-2", dict(pos_emb="learned", bias=True, n_experts=0, n_kv_head=c.n_head)
-        if c.activation == "swiglu":
-            need["activation"] = "gelu"
-    else:
-        kind, need = "Mixtral", MIXTRAL_NEEDS.copy()
-        if c.n_experts == 0:
-            need["n_experts"] = "> 0 (a dense llama model is not exported)"
+def family(c: Config, model_type: str | None = None) -> str:
+    """The HF model_type whose function Config c computes: `model_type` when given, else picked by
+    the feature only one architecture has (LayerNorm: GPT-2; QK-norm over the projection: OLMoE,
+    per head: Qwen3-MoE; a gated shared expert: Qwen2-MoE; muP multipliers: Granite-MoE(-Shared);
+    otherwise Mixtral). ConfigError naming the first field that architecture cannot represent."""
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type = {model_type!r} is not supported; valid: {MODEL_TYPES}")
+    kind = model_type or ("gpt2" if c.norm == "layernorm" else detect(c))
+    if kind != "gpt2":
+        check_family(c, kind)
+        return kind
+    need = dict(
+        norm="layernorm", pos_emb="learned", bias=True, qkv_bias=True, n_experts=0, n_kv_head=c.n_head
+    )
+    need.update(qk_norm="none", head_dim=None, embedding_multiplier=1.0, attention_multiplier=None)
+    need.update(residual_multiplier=1.0, logits_scaling=1.0)
+    if c.activation not in ("gelu", "gelu_exact"):
+        need["activation"] = "gelu"
     for field, want in need.items():
         if getattr(c, field) != want:
             raise ConfigError(
-                f"Config.{field} = {getattr(c, field)!r} has no {kind} equivalent; it needs {want!r}"
+                f"Config.{field} = {getattr(c, field)!r} has no GPT-2 equivalent; it needs {want!r}"
             )
-    return "gpt2" if kind == "GPT-2" else "mixtral"
+    return "gpt2"

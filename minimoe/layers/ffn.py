@@ -2,6 +2,7 @@
 
     GELU MLP (GPT-2, activation "gelu" / "gelu_exact"):  y = GELU(x W1 + b1) W2 + b2
     SwiGLU (Llama, activation "swiglu"):                  y = (SiLU(x W1) * (x W3)) W2
+    ReLU MLP (T5, Switch, activation "relu"):             y = ReLU(x W1 + b1) W2 + b2
     x (..., C) -> y (..., C);  W1, W3 (C, F), W2 (F, C), b1 (F,), b2 (C,) when config.bias
 
 Weights are read from the model's flat dict under a prefix: `pre + "w1"` etc. with pre
@@ -42,6 +43,8 @@ def ffn_forward(c: Config, x, p: dict, pre: str):
     """x (..., C) -> y (..., C), cache. The FFN of config `c` with weights p[pre + ...]."""
     if c.activation == "swiglu":
         return ops_ffn.swiglu_mlp_forward(x, p[pre + "w1"], p[pre + "w3"], p[pre + "w2"])
+    if c.activation == "relu":
+        return ops_ffn.relu_mlp_forward(x, p[pre + "w1"], p.get(pre + "b1"), p[pre + "w2"], p.get(pre + "b2"))
     approximate = "tanh" if c.activation == "gelu" else "none"
     return ops_ffn.gelu_mlp_forward(
         x, p[pre + "w1"], p.get(pre + "b1"), p[pre + "w2"], p.get(pre + "b2"), approximate
@@ -53,7 +56,8 @@ def ffn_backward(c: Config, dy, cache, pre: str, grads: dict):
     if c.activation == "swiglu":
         dx, grads[pre + "w1"], grads[pre + "w3"], grads[pre + "w2"] = ops_ffn.swiglu_mlp_backward(dy, cache)
         return dx
-    dx, dw1, db1, dw2, db2 = ops_ffn.gelu_mlp_backward(dy, cache)
+    backward = ops_ffn.relu_mlp_backward if c.activation == "relu" else ops_ffn.gelu_mlp_backward
+    dx, dw1, db1, dw2, db2 = backward(dy, cache)
     grads[pre + "w1"], grads[pre + "w2"] = dw1, dw2
     if db1 is not None:
         grads[pre + "b1"], grads[pre + "b2"] = db1, db2

@@ -195,6 +195,22 @@ def swiglu_backward(dy, cache):
 
 
 # ---------------------------------------------------------------------------------------------
+# ReLU (the T5 / Switch Transformer feed-forward activation)
+# ---------------------------------------------------------------------------------------------
+
+
+def relu_forward(x):
+    """(...) -> (...).  ReLU(x) = max(x, 0)  (Nair & Hinton 2010); the cache is the mask x > 0."""
+    xp = backend.xp_of(x)
+    return xp.maximum(x, 0), x > 0
+
+
+def relu_backward(dy, cache):
+    """dy -> dx = dy where x > 0, else 0 (at x = 0 we take the derivative 0, as PyTorch does)."""
+    return dy * cache
+
+
+# ---------------------------------------------------------------------------------------------
 # softmax
 # ---------------------------------------------------------------------------------------------
 

@@ -187,7 +187,7 @@ def combine_backward(dy, cache):
 class ExpertsCache(NamedTuple):
     ffn_caches: list  # one FFN cache per expert, None for an expert that received no slot
     offsets: list  # (E+1,) host ints, expert e's rows are offsets[e]:offsets[e+1]
-    activation: str  # "swiglu", "gelu" or "gelu_exact"
+    activation: str  # "swiglu", "gelu", "gelu_exact" or "relu"
     weight_shapes: dict  # name -> shape of the stacked weights, for the zero gradients
 
 
@@ -195,7 +195,7 @@ def experts_forward(x_sorted, offsets, w, activation="swiglu"):
     """x_sorted (M, C) -> y_sorted (M, C): expert e's FFN on rows offsets[e]:offsets[e+1].
 
     w: dict of stacked weights, swiglu: w1, w3 (E, C, F), w2 (E, F, C);
-    gelu / gelu_exact: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
+    gelu / gelu_exact / relu: w1 (E, C, F), w2 (E, F, C). Experts have no biases.
     """
     xp = backend.xp_of(x_sorted)
     E = w["w1"].shape[0]
@@ -208,6 +208,8 @@ def experts_forward(x_sorted, offsets, w, activation="swiglu"):
             continue
         if activation == "swiglu":
             y[a:b], c = ffn.swiglu_mlp_forward(x_sorted[a:b], w["w1"][e], w["w3"][e], w["w2"][e])
+        elif activation == "relu":  # Switch Transformer's experts
+            y[a:b], c = ffn.relu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None)
         else:
             approx = "tanh" if activation == "gelu" else "none"
             y[a:b], c = ffn.gelu_mlp_forward(x_sorted[a:b], w["w1"][e], None, w["w2"][e], None, approx)
@@ -227,6 +229,8 @@ def experts_backward(dy_sorted, cache):
         a, b = offsets[e], offsets[e + 1]
         if cache.activation == "swiglu":
             dx[a:b], dw["w1"][e], dw["w3"][e], dw["w2"][e] = ffn.swiglu_mlp_backward(dy_sorted[a:b], c)
+        elif cache.activation == "relu":
+            dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.relu_mlp_backward(dy_sorted[a:b], c)
         else:
             dx[a:b], dw["w1"][e], _, dw["w2"][e], _ = ffn.gelu_mlp_backward(dy_sorted[a:b], c)
     return dx, dw

@@ -84,24 +84,54 @@ def noisy_logits_backward(dH, cache):
 class SigmoidTopkCache(NamedTuple):
     scores: Any  # (N, E) s = sigmoid(logits)
     idx: Any  # (N, K) the chosen experts
-    gates: Any  # (N, K) s_idx / sum(s_idx)
-    total: Any  # (N, 1) sum(s_idx)
+    gates: Any  # (N, K) s_idx / sum(s_idx) when renormalised, else s_idx
+    total: Any  # (N, 1) sum(s_idx) when renormalised, else None
 
 
-def sigmoid_bias_topk_forward(logits, bias, k):
+def group_limited_topk(scores, k, n_group=1, topk_group=1):
+    """scores (N, E) -> idx (N, K): the K best experts, chosen only from each token's best groups.
+
+    Group-limited routing (DeepSeek-V3's released code and config: n_group, topk_group): the E
+    experts form n_group groups of E / n_group consecutive experts (in DeepSeek-V3, the experts of
+    one group sit on one node, so a token talks to at most topk_group nodes):
+        group_score[g] = sum of the 2 best scores in group g
+        keep the topk_group best groups; idx = topk(scores with every other group's experts at -inf)
+    With n_group = 1 this is the plain top-k. Like top-k, a selection: piecewise constant, no gradient.
+    """
+    xp = backend.xp_of(scores)
+    if n_group == 1:
+        return backend.topk_indices(scores, k)
+    N, E = scores.shape
+    grouped = scores.reshape(N, n_group, E // n_group)
+    group_score = xp.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # (N, n_group)
+    best = backend.topk_indices(group_score, topk_group)  # (N, topk_group)
+    keep = xp.zeros((N, n_group), dtype=bool)
+    xp.put_along_axis(keep, best, True, axis=-1)
+    masked = xp.where(xp.repeat(keep, E // n_group, axis=-1), scores, -xp.inf)
+    return backend.topk_indices(masked, k)
+
+
+def sigmoid_bias_topk_forward(logits, bias, k, renormalize=True, n_group=1, topk_group=1):
     """DeepSeek-V3's router (DeepSeek-AI 2024, eqs. 13-16): auxiliary-loss-free balancing.
 
     logits (N, E), bias (E,) -> gates (N, K), idx (N, K), cache.
         s = sigmoid(logits)                 affinity of each token to each expert
         idx = topk(s + bias)                the bias only CHOOSES the experts ...
-        gates = s_idx / sum(s_idx)          ... the gates use the unbiased scores, renormalised.
+        gates = s_idx / sum(s_idx)          ... the gates use the unbiased scores, renormalised
+                                            (renormalize=True, the paper's eq. 13; HF norm_topk_prob),
+        gates = s_idx                       or not (renormalize=False): then the K gates do not sum
+                                            to 1 and each gate is a plain sigmoid of its own logit.
+    n_group, topk_group > 1: idx is chosen by `group_limited_topk` (same bias-shifted scores).
+    (transformers adds 1e-20 to the sum, which changes nothing at our precision.)
     The bias is not a parameter: no gradient reaches it and the optimizer never sees it; it is
     nudged between steps towards balanced load (see `moe.update_bias`).
     """
     xp = backend.xp_of(logits)
     s = sigmoid(logits)
-    idx = backend.topk_indices(s + bias, k)
+    idx = group_limited_topk(s + bias, k, n_group, topk_group)
     s_sel = xp.take_along_axis(s, idx, axis=-1)
+    if not renormalize:
+        return s_sel, idx, SigmoidTopkCache(s, idx, s_sel, None)
     total = s_sel.sum(axis=-1, keepdims=True)
     gates = s_sel / total
     return gates, idx, SigmoidTopkCache(s, idx, gates, total)
@@ -109,12 +139,28 @@ def sigmoid_bias_topk_forward(logits, bias, k):
 
 def sigmoid_bias_topk_backward(dgates, cache):
     """dgates (N, K) -> dlogits (N, E).
-    g_j = s_j / S with S = sum_sel s  =>  ds_i = (dg_i - sum_j dg_j g_j) / S on the chosen i;
+    renormalised, g_j = s_j / S with S = sum_sel s  =>  ds_i = (dg_i - sum_j dg_j g_j) / S on the chosen i;
+    not renormalised, g_j = s_j                     =>  ds_i = dg_i;
     then through the sigmoid: dlogit = ds * s (1 - s)."""
     s = cache.scores
-    ds_sel = (dgates - (dgates * cache.gates).sum(axis=-1, keepdims=True)) / cache.total
+    if cache.total is None:
+        ds_sel = dgates
+    else:
+        ds_sel = (dgates - (dgates * cache.gates).sum(axis=-1, keepdims=True)) / cache.total
     ds = _scatter_rows(ds_sel, cache.idx, s.shape[-1])
     return ds * s * (1.0 - s)
+
+
+def jitter_forward(x, u):
+    """Router jitter (Switch Transformer, Fedus et al. 2021, sec. 2.4; HF Mixtral's router_jitter_noise):
+    x (N, C), u (N, C) drawn uniform in [1 - j, 1 + j] by the caller in training -> x * u (N, C).
+    A multiplicative perturbation of the input, so the router explores near its decision edges."""
+    return x * u, u
+
+
+def jitter_backward(dy, cache):
+    """dy (N, C) -> dx = dy * u (the same u: multiplication by a constant)."""
+    return dy * cache
 
 
 def router_probs_forward(logits, kind):

@@ -48,7 +48,7 @@ def route_tokens(model, ids) -> list:
     try:
         for start in range(0, ids.size, c.block_size):
             window = ids[start : start + c.block_size][None, :]  # (1, T)
-            model.forward(backend.to_device(window, model.xp))
+            model.forward(window)  # host ids: range-checked on the host, moved once by the model
             for st in model.stats["layers"]:
                 entry = per_layer.setdefault(st["layer"], {"idx": [], "gates": []})
                 entry["idx"].append(backend.to_numpy(st["expert_idx"]))

@@ -84,15 +84,16 @@ class Conversation:
         return dropped
 
     def _next_logits(self, context: list[int]):
-        """(V,) host logits of the token after `context`; the cache is fed only the tokens it lacks."""
+        """(V,) host logits of the token after `context`; the cache is fed only the tokens it lacks.
+        The ids go to the model as host arrays: it range-checks them there and moves them once."""
         xp = self.model.xp
         if not self.use_cache:
-            logits, _ = self.model.forward(xp.asarray([context], dtype=xp.int64))
+            logits, _ = self.model.forward(np.asarray([context], dtype=np.int64))
         else:
             if self.fed == 0:
                 self.cache = make_kv_cache(self.model.config, 1, self.T, xp=xp, dtype=self.model.dtype)
             new = context[self.fed :]
-            logits, _ = self.model.forward(xp.asarray([new], dtype=xp.int64), kv_cache=self.cache)
+            logits, _ = self.model.forward(np.asarray([new], dtype=np.int64), kv_cache=self.cache)
             self.fed = len(context)
         return backend.to_numpy(logits[0, -1]).astype(np.float64)  # a copy, on the host
 

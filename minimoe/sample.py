@@ -94,20 +94,22 @@ def generate(
     context = list(ids)
     cache = None
     try:
+        # the ids go to the model as host arrays: it range-checks them there and moves them once
+        # (a device array would cost a device -> host copy of its min and max per token)
         for _ in range(max_new_tokens):
             if use_cache and cache is None and len(context) <= T_max:
                 # prefill: the whole (short enough) context at once. The cache holds no more
                 # positions than this call can fill (a real Mixtral's block_size is 32768).
                 cache_len = min(T_max, len(context) + max_new_tokens)
                 cache = make_kv_cache(c, 1, cache_len, xp=xp, dtype=model.dtype)
-                logits, _ = model.forward(xp.asarray([context], dtype=xp.int64), kv_cache=cache)
+                logits, _ = model.forward(np.asarray([context], dtype=np.int64), kv_cache=cache)
             elif cache is not None and cache.pos < cache.T_max:
                 # decode: only the newest token, its keys/values appended to the cache
-                logits, _ = model.forward(xp.asarray([[context[-1]]], dtype=xp.int64), kv_cache=cache)
+                logits, _ = model.forward(np.asarray([[context[-1]]], dtype=np.int64), kv_cache=cache)
             else:
                 # no cache, or the window is full: recompute on the last block_size tokens
                 window = context[-T_max:]
-                logits, _ = model.forward(xp.asarray([window], dtype=xp.int64))
+                logits, _ = model.forward(np.asarray([window], dtype=np.int64))
             # (1, T, V) -> the last position's logits, copied to the host once per token
             next_id = sample_next(backend.to_numpy(logits[0, -1]), temperature, top_k, rng)
             out.append(next_id)

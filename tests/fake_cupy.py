@@ -2,6 +2,7 @@
 
     with fake_cupy.installed():      # sys.modules["cupy"], ["cupyx"], ... replaced
         backend.set_backend("cupy")
+    fake_cupy.install()              # the same for the rest of the process (a test session)
 
 Its `ndarray` wraps a numpy array and, like real CuPy, refuses to become numpy implicitly:
 `numpy.asarray(a)` and numpy functions or ufuncs on it raise TypeError. It is STRICTER than
@@ -24,8 +25,25 @@ transfers: collections.Counter = collections.Counter()
 _HOST_OK = ("asarray", "array")  # the explicit host -> device copies
 
 
+_PLAIN = (int, float, bool, str, slice, type(None), type(Ellipsis), numpy.dtype, type)  # passed as they are
+
+
 def _unwrap(x, where: str):
     """Wrapped arrays -> their numpy array (recursively in lists/tuples/dicts); numpy arrays refused."""
+    t = type(x)
+    if t is ndarray:
+        return x._a
+    if t in _PLAIN:
+        return x
+    if t is numpy.ndarray:
+        raise TypeError(f"fake cupy: a host numpy array was passed to {where} (a hidden host->device copy)")
+    if t is tuple or t is list:
+        return t([_unwrap(v, where) for v in x])
+    return _unwrap_other(x, where)
+
+
+def _unwrap_other(x, where):
+    """_unwrap for the rarer types (subclasses, dicts): the general isinstance tests."""
     if isinstance(x, ndarray):
         return x._a
     if isinstance(x, numpy.ndarray):
@@ -39,13 +57,16 @@ def _unwrap(x, where: str):
 
 def _wrap(x):
     """numpy results -> device results: arrays and scalars become ndarray (cupy reductions give 0-d arrays)."""
+    t = type(x)
+    if t is numpy.ndarray:
+        return ndarray(x)
     if isinstance(x, numpy.ndarray):
         return ndarray(x)
     if isinstance(x, numpy.generic):
         return ndarray(numpy.asarray(x))
-    if isinstance(x, tuple):
-        return tuple(_wrap(v) for v in x)
-    if isinstance(x, list):
+    if t is tuple:
+        return tuple([_wrap(v) for v in x])
+    if t is list:
         return [_wrap(v) for v in x]
     if isinstance(x, numpy.random.Generator):
         return _Proxy(x, "Generator")
@@ -55,24 +76,27 @@ def _wrap(x):
 class _Proxy:
     """A numpy callable/namespace seen through the device: arguments unwrapped, results wrapped."""
 
-    def __init__(self, obj, name):
+    def __init__(self, obj, name, host_ok=None):
         self._obj, self._name = obj, name
+        self._host_ok = name.split(".")[-1] in _HOST_OK if host_ok is None else host_ok
 
     def __call__(self, *args, **kwargs):
-        if self._name.split(".")[-1] in _HOST_OK:
+        if self._host_ok:
             out = self._obj(*(_unwrap_soft(a) for a in args), **kwargs)
             return ndarray(out if isinstance(args[0], ndarray) else out.copy())  # host data: a copy
-        return _wrap(self._obj(*_unwrap(args, self._name), **_unwrap(kwargs, self._name)))
+        if kwargs:
+            kwargs = {k: _unwrap(v, self._name) for k, v in kwargs.items()}
+        return _wrap(self._obj(*_unwrap(args, self._name), **kwargs))
 
     def __getattr__(self, name):
         attr = getattr(self._obj, name)
         if isinstance(attr, type):
             return attr  # dtypes (float32, int64, ...)
-        return (
-            _Proxy(attr, f"{self._name}.{name}")
-            if callable(attr) or isinstance(attr, types.ModuleType)
-            else attr
-        )
+        if callable(attr) or isinstance(attr, types.ModuleType):
+            attr = _Proxy(attr, f"{self._name}.{name}")
+        if isinstance(self._obj, types.ModuleType):
+            setattr(self, name, attr)  # a module's functions do not change: look each up once
+        return attr
 
 
 def _unwrap_soft(x):
@@ -87,8 +111,11 @@ class ndarray:  # noqa: N801 (cupy's spelling)
     __array_ufunc__ = None  # numpy ufuncs on a device array: TypeError
     __hash__ = None
 
+    made = 0  # device arrays made so far in this process (tells whether a test ran on the "device")
+
     def __init__(self, a):
         self._a = a
+        ndarray.made += 1
 
     def __array__(self, *args, **kwargs):
         raise TypeError("fake cupy: implicit conversion to a numpy array is not allowed; use .get()")
@@ -123,12 +150,19 @@ class ndarray:  # noqa: N801 (cupy's spelling)
     def tolist(self):
         return self._scalar("tolist", lambda a: a.tolist())
 
+    # metadata lives on the host in CuPy too
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    T = property(lambda self: ndarray(self._a.T))
+
     # everything else: numpy's method or attribute, results kept on the "device"
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
         attr = getattr(self._a, name)
-        return _Proxy(attr, f"ndarray.{name}") if callable(attr) else _wrap(attr)
+        return _Proxy(attr, f"ndarray.{name}", host_ok=False) if callable(attr) else _wrap(attr)
 
     def argsort(self, axis=-1, kind=None):
         return ndarray(numpy.argsort(self._a, axis=axis, kind="stable"))
@@ -181,7 +215,12 @@ def _make_modules() -> dict:
     cupy = types.ModuleType("cupy")
     cupy.ndarray = ndarray
     cupy.random = _Proxy(numpy.random, "random")
-    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    cupy.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        # nothing runs asynchronously: waiting for the device is a no-op
+        Device=lambda *args: types.SimpleNamespace(synchronize=lambda: None),
+        get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+    )
     cupy.asnumpy = lambda a: a.get() if isinstance(a, ndarray) else numpy.asarray(a)
     np_proxy = _Proxy(numpy, "cupy")
     cupy.__getattr__ = lambda name: getattr(np_proxy, name)  # PEP 562 module __getattr__
@@ -207,6 +246,13 @@ def _make_modules() -> dict:
         "cupyx.scipy": cupyx.scipy,
         "cupyx.scipy.special": cupyx.scipy.special,
     }
+
+
+def install():
+    """Put the fake modules into sys.modules for good (a whole test session) and return `cupy`."""
+    mods = _make_modules()
+    sys.modules.update(mods)
+    return mods["cupy"]
 
 
 @contextlib.contextmanager

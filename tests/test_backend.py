@@ -12,7 +12,16 @@ from pathlib import Path
 import fake_cupy
 import numpy as np
 import pytest
-from conftest import rand_ids, tiny_config
+from conftest import (
+    asarray,
+    assert_allclose,
+    assert_array_equal,
+    on_host_only,
+    rand_ids,
+    tiny_config,
+    to_numpy,
+    xp,
+)
 
 import minimoe
 from minimoe import GPT, backend
@@ -36,11 +45,13 @@ def _gpu_usable() -> bool:
 
 @pytest.mark.parametrize("name", ["nope", "NumPy", "torch", ""])
 def test_unknown_backend_is_a_value_error(restore_backend, name):
+    before = backend.get_backend()
     with pytest.raises(ValueError, match="backend must be one of"):
         backend.set_backend(name)
-    assert backend.get_backend() == "numpy"  # unchanged
+    assert backend.get_backend() == before  # unchanged
 
 
+@on_host_only("CuPy (real or fake) is importable there, so set_backend('cupy') succeeds")
 def test_cupy_without_gpu_is_a_clear_backend_error(restore_backend):
     if _gpu_usable():
         pytest.skip("a CUDA GPU is usable here, so set_backend('cupy') succeeds")
@@ -82,7 +93,7 @@ def test_model_dtypes(restore_backend):
     assert all(p.dtype == np.float64 for p in model64.params.values())
     # the same seed gives the same initial numbers in either dtype
     for k in model.params:
-        np.testing.assert_array_equal(model.params[k], model64.params[k].astype(np.float32))
+        assert_array_equal(model.params[k], model64.params[k].astype(np.float32))
     backend.set_default_dtype(np.float64)  # a numpy dtype is accepted too
     assert backend.get_default_dtype() == "float64"
     assert all(p.dtype == np.float64 for p in GPT(tiny_config(), seed=0).params.values())
@@ -106,7 +117,7 @@ def test_float32_model_stays_float32(overrides):
     assert logits.dtype == np.float32 and loss.dtype == np.float32
     grads = model.backward()
     assert {k: g.dtype for k, g in grads.items()} == {k: np.dtype(np.float32) for k in model.params}
-    assert all(np.isfinite(g).all() for g in grads.values())
+    assert all(np.isfinite(to_numpy(g)).all() for g in grads.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,27 +129,28 @@ def test_erf_matches_math_erf():
     x = np.concatenate(
         [np.linspace(-7.0, 7.0, 2801), [2.5 - 1e-12, 2.5, 2.5 + 1e-12, -2.5, 1e-8, -1e-300, 0.0, 30.0, -40.0]]
     )
-    got = backend.erf(x)
+    got = backend.erf(asarray(x))
     expected = np.array([math.erf(v) for v in x])
-    assert np.abs(got - expected).max() <= 1e-14
+    assert np.abs(to_numpy(got) - expected).max() <= 1e-14
     assert got.dtype == np.float64
-    np.testing.assert_array_equal(backend.erf(-x), -got)  # odd
-    assert backend.erf(np.array([np.inf, -np.inf])).tolist() == [1.0, -1.0]
+    assert_array_equal(backend.erf(asarray(-x)), -got)  # odd
+    assert to_numpy(backend.erf(asarray([np.inf, -np.inf]))).tolist() == [1.0, -1.0]
     x32 = x.astype(np.float32)
-    assert backend.erf(x32).dtype == np.float32
-    np.testing.assert_allclose(backend.erf(x32), [math.erf(v) for v in x32.astype(np.float64)], atol=1e-7)
+    assert backend.erf(asarray(x32)).dtype == np.float32
+    assert_allclose(backend.erf(asarray(x32)), [math.erf(v) for v in x32.astype(np.float64)], atol=1e-7)
 
 
 def test_topk_indices_largest_first_and_ties_to_smaller_index():
-    x = np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0], [0.0, -1.0, 5.0, 4.0, 5.0]])
+    x = asarray([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0], [0.0, -1.0, 5.0, 4.0, 5.0]])
     idx = backend.topk_indices(x, 2)
-    assert idx.tolist() == [[1, 2], [0, 1], [2, 4]]
-    assert backend.topk_indices(x, 4).tolist() == [[1, 2, 4, 0], [0, 1, 2, 3], [2, 4, 3, 0]]
+    assert to_numpy(idx).tolist() == [[1, 2], [0, 1], [2, 4]]
+    assert to_numpy(backend.topk_indices(x, 4)).tolist() == [[1, 2, 4, 0], [0, 1, 2, 3], [2, 4, 3, 0]]
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, (6, 7, 8)).astype(np.float64)  # many ties
-    a, b = backend.topk_indices(y, 3), backend.topk_indices(y.copy(), 3)
-    np.testing.assert_array_equal(a, b)
+    a, b = backend.topk_indices(asarray(y), 3), backend.topk_indices(asarray(y.copy()), 3)
+    assert_array_equal(a, b)
     assert a.shape == (6, 7, 3)
+    a = to_numpy(a)
     chosen = np.take_along_axis(y, a, axis=-1)
     assert np.all(chosen[..., :-1] >= chosen[..., 1:])  # sorted, largest first
     assert np.all(np.sort(y, axis=-1)[..., -3:][..., ::-1] == chosen)  # really the top 3
@@ -148,9 +160,9 @@ def test_topk_indices_largest_first_and_ties_to_smaller_index():
 
 
 def test_scatter_add_accumulates_repeats():
-    target = np.zeros((4, 2))
-    backend.scatter_add(target, np.array([1, 3, 1, 1]), np.arange(8.0).reshape(4, 2))
-    np.testing.assert_array_equal(target, [[0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [2, 3]])
+    target = xp().zeros((4, 2))
+    backend.scatter_add(target, asarray([1, 3, 1, 1]), xp().arange(8.0).reshape(4, 2))
+    assert_array_equal(target, [[0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [2, 3]])
 
 
 @pytest.mark.parametrize("shape", [(40, 3), (40,), (1, 5), (0, 3)])
@@ -162,23 +174,23 @@ def test_segment_sum_equals_add_at_into_zeros(shape):
     values = rng.standard_normal(shape)
     expected = np.zeros((9, *shape[1:]))  # ids 7 and 8 never occur
     np.add.at(expected, indices, values)
-    got = backend.segment_sum(values, indices, 9)
+    got = backend.segment_sum(asarray(values), asarray(indices), 9)
     assert got.shape == expected.shape and got.dtype == values.dtype
-    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-15)
-    np.testing.assert_array_equal(got[np.setdiff1d(np.arange(9), indices)], 0.0)
-    assert backend.segment_sum(values.astype(np.float32), indices, 9).dtype == np.float32
+    assert_allclose(got, expected, rtol=1e-14, atol=1e-15)
+    assert_array_equal(to_numpy(got)[np.setdiff1d(np.arange(9), indices)], 0.0)
+    assert backend.segment_sum(asarray(values.astype(np.float32)), asarray(indices), 9).dtype == np.float32
 
 
 def test_argsort_stable_keeps_the_order_of_ties():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 3, (5, 40))  # many ties: quicksort would reorder them
     for axis in (-1, 0):
-        order = backend.argsort_stable(x, axis=axis)
-        np.testing.assert_array_equal(order, np.argsort(x, axis=axis, kind="stable"))
+        order = to_numpy(backend.argsort_stable(asarray(x), axis=axis))
+        assert_array_equal(order, np.argsort(x, axis=axis, kind="stable"))
         s = np.take_along_axis(x, order, axis=axis)
         assert np.all(np.diff(s, axis=axis) >= 0)
-    order = backend.argsort_stable(np.array([2, 0, 2, 1, 0, 2]))
-    assert order.tolist() == [1, 4, 3, 0, 2, 5]  # equal values stay in index order
+    order = backend.argsort_stable(asarray([2, 0, 2, 1, 0, 2]))
+    assert to_numpy(order).tolist() == [1, 4, 3, 0, 2, 5]  # equal values stay in index order
 
 
 def test_ignore_overflow_silences_only_overflow():
@@ -208,10 +220,10 @@ def test_backend_helpers_on_a_device_array():
         top = backend.topk_indices(cp.asarray(x.reshape(5, 10)), 3)
         assert all(backend.is_cupy_array(a) for a in (target, sums, order, top))
         assert sum(fake_cupy.transfers.values()) == 0
-        np.testing.assert_allclose(target.get(), expected, rtol=1e-14)
-        np.testing.assert_allclose(sums.get(), expected, rtol=1e-14)
-        np.testing.assert_array_equal(order.get(), np.argsort(x, kind="stable"))
-        np.testing.assert_array_equal(top.get(), backend.topk_indices(x.reshape(5, 10), 3))
+        assert_allclose(target.get(), expected, rtol=1e-14)
+        assert_allclose(sums.get(), expected, rtol=1e-14)
+        assert_array_equal(order.get(), np.argsort(x, kind="stable"))
+        assert_array_equal(top.get(), backend.topk_indices(x.reshape(5, 10), 3))
 
 
 def test_conversion_and_rng_helpers():
@@ -221,7 +233,13 @@ def test_conversion_and_rng_helpers():
     b = backend.to_device(a, np, dtype="float32")
     assert b.dtype == np.float32 and backend.to_numpy(b).tolist() == a.tolist()
     r1, r2 = backend.make_rng(5, np), backend.make_rng(5, np)
-    np.testing.assert_array_equal(r1.random(4), r2.random(4))
+    assert_array_equal(r1.random(4), r2.random(4))
+    # the same on the session's backend (numpy, or a device): arrays and random draws stay there
+    c = backend.to_device(a, dtype="float32")
+    assert backend.xp_of(c) is xp() and c.dtype == np.float32 and to_numpy(c).tolist() == a.tolist()
+    d1, d2 = backend.make_rng(5).random(4), backend.make_rng(5).random(4)
+    assert backend.xp_of(d1) is xp()
+    assert_array_equal(d1, d2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,14 +290,14 @@ def test_ops_do_not_branch_on_the_backend(path):
 
 
 class _CountingXP:
-    """A stand-in array module: numpy underneath, counting what the ops ask of it."""
+    """A stand-in array module: the backend's (numpy or cupy) underneath, counting what the ops ask of it."""
 
-    def __init__(self):
-        self.calls = {}
+    def __init__(self, xp):
+        self.calls, self._xp = {}, xp
 
     def __getattr__(self, name):
         self.calls[name] = self.calls.get(name, 0) + 1
-        return getattr(np, name)
+        return getattr(self._xp, name)
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
@@ -291,13 +309,13 @@ def test_ops_take_their_array_module_from_backend(monkeypatch, flavour):
     idx, targets = rand_ids(rng, 11), rand_ids(rng, 11)
     _, loss = model.forward(idx, targets)
     grads = {k: v.copy() for k, v in model.backward().items()}
-    fake = _CountingXP()
+    fake = _CountingXP(xp())
     monkeypatch.setattr(backend, "xp_of", lambda *arrays: fake)
     _, loss2 = model.forward(idx, targets)
     grads2 = model.backward()
     assert float(loss2) == float(loss)
     for k in grads:
-        np.testing.assert_array_equal(grads2[k], grads[k])
+        assert_array_equal(grads2[k], grads[k])
     used = set(fake.calls)
     assert {"exp", "sqrt", "zeros"} <= used, used
     if flavour == "llama":

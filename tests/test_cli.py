@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import on_host_only
 
 from minimoe import GPT, Config, checkpoint, cli, data
 from minimoe import train as train_module
@@ -251,6 +252,7 @@ def test_routes_on_a_dense_model(tmp_path, capsys):
     assert "dense" in err
 
 
+@on_host_only("CuPy (real or fake) is importable there, so --device gpu trains")
 def test_gpu_without_a_gpu(capsys):
     try:
         import cupy

@@ -8,6 +8,8 @@ so its results must match the numpy backend's (to float32 round-off where the GP
 in another order: the embedding gradient's scatter-add).
 """
 
+import json
+
 import fake_cupy
 import numpy as np
 import pytest
@@ -126,6 +128,38 @@ def test_train_loop_on_fake_cupy_matches_cpu(fake, tmp_path):
     assert gpu["sample"] == cpu["sample"] and len(gpu["sample"]) > 0
 
 
+def test_cli_on_fake_cupy_matches_cpu(fake, tmp_path, capsys):
+    # `minimoe train / sample / routes --device gpu`: the same losses, text and routes as the CPU
+    from minimoe import cli, data
+
+    path = tmp_path / "tasks.txt"
+    path.write_text(data.synthetic_corpus(300, seed=0), encoding="utf-8")
+    size = ["--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--n-experts", "4", "--top-k", "2",
+            "--block-size", "16", "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2",
+            "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "8", "--data", str(path)]  # fmt: skip
+    out = {}
+    for device in ("cpu", "gpu"):
+        run = str(tmp_path / device)
+        dev = ["--device", device]
+        assert cli.main(["train", *size, "--out", run, *dev]) == 0
+        assert backend.get_backend() == ("cupy" if device == "gpu" else "numpy")
+        assert cli.main(["sample", "--ckpt", run, "--max-new-tokens", "12", "--seed", "1", *dev]) == 0
+        assert cli.main(["routes", "--ckpt", run, "--text", "1+2=3", *dev]) == 0
+        metrics = [
+            json.loads(line) for line in (tmp_path / device / "metrics.jsonl").read_text().splitlines()
+        ]
+        out[device] = (
+            [(r["step"], r["train_loss"], r.get("val_loss")) for r in metrics],
+            capsys.readouterr().out,
+        )
+    (cpu_losses, cpu_text), (gpu_losses, gpu_text) = out["cpu"], out["gpu"]
+    assert [s for s, _, _ in gpu_losses] == [s for s, _, _ in cpu_losses] == [1, 2, 3, 4]
+    np.testing.assert_allclose(np.array([r[1:] for r in gpu_losses], dtype=float),
+                               np.array([r[1:] for r in cpu_losses], dtype=float), rtol=1e-5)  # fmt: skip
+    text_of = lambda t: [ln for ln in t.splitlines() if not ln.startswith(("step", "done", "training"))]
+    assert text_of(gpu_text) == text_of(cpu_text) and len(text_of(gpu_text)) > 3
+
+
 # Device -> host copies in one training step of a 2-layer MoE model: the token ids arrive from
 # the host and are range-checked there (no copy); each MoE layer copies its E+1 dispatch
 # offsets once (the experts' slice bounds must be host ints).
@@ -145,17 +179,68 @@ def test_host_transfers_per_training_step(fake):
     assert counted == EXPECTED_TRANSFERS
 
 
+def _gets_per_call(fn, n_calls):
+    """Device -> host copies, by kind, per call of fn() (after one warm-up call)."""
+    fn()
+    fake_cupy.transfers.clear()
+    for _ in range(n_calls):
+        fn()
+    return {k: v / n_calls for k, v in fake_cupy.transfers.items() if v}
+
+
+def test_host_transfers_per_generated_token(fake):
+    # Per new token: the last position's logits (sampling is on the host) and each MoE layer's
+    # dispatch offsets. The ids go to the model as host arrays, so their range check costs no
+    # copy (it once cost one more: generate moved them to the device first).
+    backend.set_backend("cupy")
+    model = GPT(small_preset("mixtral"), seed=0)
+    n = 6  # prefill + 5 cached decode steps (the prompt is 3, block_size 8: no sliding window)
+    per_call = _gets_per_call(lambda: generate(model, [1, 2, 3], n, temperature=0.0), 2)
+    assert per_call == {"get": n * (1 + 2)}
+
+
+def test_host_transfers_of_routes(fake):
+    # `route_tokens` copies each MoE layer's chosen experts and gates per window, and the dispatch
+    # offsets; the window's ids are range-checked on the host (no copy)
+    from minimoe.analysis import route_tokens
+
+    backend.set_backend("cupy")
+    model = GPT(small_preset("mixtral"), seed=0)
+    ids = np.arange(16) % 13  # two windows of block_size 8
+    per_call = _gets_per_call(lambda: route_tokens(model, ids), 2)
+    assert per_call == {"get": 2 * 2 * 3}  # windows x layers x (offsets, expert_idx, gates)
+
+
+def test_host_transfers_per_chat_token(fake):
+    # minimoe chat: per token the last logits and each MoE layer's offsets, as in generate (the
+    # conversation's ids go to the model from the host; they once cost a range-check copy each)
+    from minimoe.chat import Conversation
+    from minimoe.tokenizer import CharTokenizer
+
+    backend.set_backend("cupy")
+    tok = CharTokenizer.from_text("abc xyz").with_specials()
+    model = GPT(small_preset("mixtral", vocab_size=tok.vocab_size, block_size=32), seed=0)
+    conv = Conversation(model, tok, reply_room=8)
+    conv.reply("ab", max_new_tokens=3, temperature=0.0)  # warm-up
+    fake_cupy.transfers.clear()
+    reply = conv.reply("xyz", max_new_tokens=4, temperature=1.0, rng=np.random.default_rng(0))
+    steps = len(reply) + (len(reply) < 4)  # an <|end|> sampled early is a step too
+    assert len(reply) >= 2
+    assert {k: v for k, v in fake_cupy.transfers.items() if v} == {"get": steps * (1 + 2)}
+
+
 # ---------------------------------------------------------------------------- the real thing
 def _have_gpu() -> bool:
+    """The real CuPy with a CUDA device (not the fake, which a fake-cupy test session installs)."""
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        return cupy.ndarray is not fake_cupy.ndarray and cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
 
 
-gpu = pytest.mark.skipif(not _have_gpu(), reason="needs CuPy and a CUDA GPU")
+gpu = pytest.mark.skipif(not _have_gpu(), reason="needs the real CuPy and a CUDA GPU")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import fake_cupy
 import numpy as np
 import pytest
+from conftest import array_equal, asarray, to_numpy, xp
 from thread_comm import run_ranks
 
 from minimoe import backend, dist
@@ -53,19 +54,19 @@ def test_all_to_all_is_a_block_transpose(P):
     def rank(comm):
         r = comm.Get_rank()
         g = exchange.Group(comm)
-        y, cache = exchange.all_to_all_forward(xs[r], n[r], n[:, r], g)
+        y, cache = exchange.all_to_all_forward(asarray(xs[r]), n[r], n[:, r], g)
         return y, exchange.all_to_all_backward(y, cache)
 
     out = run_ranks(P, rank)
     at = np.concatenate([np.zeros((P, 1), int), np.cumsum(n, axis=1)], axis=1)  # block s->d of x_s
-    twin = exchange.all_to_all_forward_reference(xs, n)
+    twin = exchange.all_to_all_forward_reference([asarray(x) for x in xs], n)
     for d in range(P):
         expected = np.concatenate([xs[s][at[s, d] : at[s, d + 1]] for s in range(P)])
-        assert np.array_equal(out[d][0], expected)  # y_d = concat_s (block s->d)
-        assert np.array_equal(twin[d], expected)  # the plain twin, all ranks in one process
-        assert np.array_equal(out[d][1], xs[d])  # the backward sends every row home
+        assert array_equal(out[d][0], expected)  # y_d = concat_s (block s->d)
+        assert array_equal(twin[d], expected)  # the plain twin, all ranks in one process
+        assert array_equal(out[d][1], xs[d])  # the backward sends every row home
     back = exchange.all_to_all_backward_reference(twin, n)
-    assert all(np.array_equal(back[s], xs[s]) for s in range(P))
+    assert all(array_equal(back[s], xs[s]) for s in range(P))
 
 
 def test_all_to_all_gradient_check_across_ranks():
@@ -73,8 +74,9 @@ def test_all_to_all_gradient_check_across_ranks():
     every entry of every rank's x (each evaluation runs all ranks)."""
     P = 3
     n, xs = _blocks(P, seed=1)
+    xs = [asarray(x) for x in xs]
     rng = np.random.default_rng(2)
-    ws = [rng.standard_normal((int(n[:, d].sum()), 3)) for d in range(P)]
+    ws = [asarray(rng.standard_normal((int(n[:, d].sum()), 3))) for d in range(P)]
 
     def loss():
         def rank(comm):
@@ -95,15 +97,15 @@ def test_all_to_all_gradient_check_across_ranks():
     analytic = run_ranks(P, grads)
     for s in range(P):
         picks, num = numerical_gradient(loss, xs[s], eps=1e-6)
-        assert rel_error(analytic[s][0].reshape(-1)[picks], num) < 1e-9
+        assert rel_error(to_numpy(analytic[s][0]).reshape(-1)[picks], num) < 1e-9
         if analytic[s][1] is not None and analytic[s][1].size:  # keeping the rows where they are is wrong
-            assert rel_error(analytic[s][1].reshape(-1)[picks], num) > 1e-2
+            assert rel_error(to_numpy(analytic[s][1]).reshape(-1)[picks], num) > 1e-2
 
 
 def test_all_to_all_refuses_counts_that_do_not_add_up():
     def rank(comm):
         with pytest.raises(ValueError, match="rows"):
-            exchange.all_to_all_forward(np.zeros((3, 2)), [1, 1], [1, 1], exchange.Group(comm))
+            exchange.all_to_all_forward(xp().zeros((3, 2)), [1, 1], [1, 1], exchange.Group(comm))
 
     run_ranks(2, rank)
 
@@ -141,13 +143,16 @@ def _layer_on_ranks(c, P, expert_parallel, seed=3, B=4, T=4):
     p = moe.init_params(c, pre, rng, c.init_std, c.init_std / math.sqrt(2))
     if c.router == "noisy":
         p[pre + "router.w_noise"] = rng.standard_normal(p[pre + "router.w_noise"].shape) * 0.5
-    buffers = {pre + "router_bias": rng.standard_normal(E) * 0.1} if c.router == "sigmoid_bias" else {}
-    h, dy = rng.standard_normal((B, T, c.n_embd)), rng.standard_normal((B, T, c.n_embd))
+    p = {k: asarray(v) for k, v in p.items()}
+    buffers = (
+        {pre + "router_bias": asarray(rng.standard_normal(E) * 0.1)} if c.router == "sigmoid_bias" else {}
+    )
+    h, dy = asarray(rng.standard_normal((B, T, c.n_embd))), asarray(rng.standard_normal((B, T, c.n_embd)))
     training = c.router == "noisy"
     one = c.replace(capacity_groups=P)  # GShard: one group per rank
 
     def run(cfg, h, dy, p, group=None):
-        noise = np.random.default_rng(7)
+        noise = backend.make_rng(7)
         if group is not None:
             noise = exchange.ShardedRng(noise, group)
         y, cache, stats = moe.moe_forward(cfg, h, p, buffers, pre, noise, training, group)
@@ -173,19 +178,19 @@ def _layer_on_ranks(c, P, expert_parallel, seed=3, B=4, T=4):
 def test_expert_parallel_layer_equals_one_process(name, P):
     c = _layer_config(**LAYERS[name])
     (y, dh, grads, stats), ranks, El = _layer_on_ranks(c, P, expert_parallel=True)
-    assert rel_error(np.concatenate([r[0] for r in ranks]), y) < EXACT
-    assert rel_error(np.concatenate([r[1] for r in ranks]), dh) < EXACT
+    assert rel_error(xp().concatenate([r[0] for r in ranks]), y) < EXACT
+    assert rel_error(xp().concatenate([r[1] for r in ranks]), dh) < EXACT
     for k, g in grads.items():
         if ".experts." in k:  # each rank holds the gradients of its own experts only
             assert ranks[0][2][k].shape[0] == El
-            assert rel_error(np.concatenate([r[2][k] for r in ranks]), g) < EXACT, k
+            assert rel_error(xp().concatenate([r[2][k] for r in ranks]), g) < EXACT, k
         else:  # replicated: the ranks' gradients add up to the one-process gradient
             assert rel_error(sum(r[2][k] for r in ranks), g) < EXACT, k
     for key in ("aux_loss", "z_loss", "router_entropy", "dropped_fraction"):
         for r in ranks:
             assert abs(float(r[3][key]) - float(stats[key])) <= EXACT * max(1.0, abs(float(stats[key]))), key
     for r in ranks:
-        assert np.array_equal(r[3]["tokens_per_expert"], stats["tokens_per_expert"])
+        assert array_equal(r[3]["tokens_per_expert"], stats["tokens_per_expert"])
     if c.capacity_factor:
         assert stats["dropped_fraction"] > 0  # capacity really drops slots here
 
@@ -193,18 +198,18 @@ def test_expert_parallel_layer_equals_one_process(name, P):
 def test_data_parallel_layer_uses_global_statistics():
     c = _layer_config(**LAYERS["deepseek"])
     (y, dh, grads, stats), ranks, _ = _layer_on_ranks(c, 2, expert_parallel=False)
-    assert rel_error(np.concatenate([r[0] for r in ranks]), y) < EXACT
+    assert rel_error(xp().concatenate([r[0] for r in ranks]), y) < EXACT
     assert rel_error(sum(r[2]["moe.router.w"] for r in ranks), grads["moe.router.w"]) < EXACT
     assert abs(float(ranks[1][3]["aux_loss"]) - float(stats["aux_loss"])) < EXACT
-    assert np.array_equal(ranks[1][3]["tokens_per_expert"], stats["tokens_per_expert"])
+    assert array_equal(ranks[1][3]["tokens_per_expert"], stats["tokens_per_expert"])
 
 
 def test_local_statistics_would_differ_from_global_ones():
     """The reason for the all-reduce: one rank's own balancing loss is not the batch's."""
     c = _layer_config(**LAYERS["mixtral"])
     rng = np.random.default_rng(3)
-    p = moe.init_params(c, "moe.", rng, c.init_std, c.init_std)
-    h = rng.standard_normal((4, 4, c.n_embd))
+    p = {k: asarray(v) for k, v in moe.init_params(c, "moe.", rng, c.init_std, c.init_std).items()}
+    h = asarray(rng.standard_normal((4, 4, c.n_embd)))
     whole = moe.moe_forward(c, h, p, {}, "moe.", None, False)[2]
     half = moe.moe_forward(c, h[:2], p, {}, "moe.", None, False)[2]
     assert abs(float(whole["aux_loss"]) - float(half["aux_loss"])) > 1e-6
@@ -219,8 +224,8 @@ def test_capacity_groups_keep_what_each_group_would_keep_alone():
     c = _layer_config(top_k=1, renormalize=False, capacity_factor=1.0, capacity_groups=3)
     rng = np.random.default_rng(0)
     N, G = 12, 3
-    x = rng.standard_normal((N, c.n_embd))
-    idx = np.array([[0], [0], [0], [1], [0], [0], [2], [0], [3], [3], [3], [3]])
+    x = asarray(rng.standard_normal((N, c.n_embd)))
+    idx = asarray([[0], [0], [0], [1], [0], [0], [2], [0], [3], [3], [3], [3]])
     xs, offsets, counts, cache = moe.dispatch(c, x, idx)
     alone = c.replace(capacity_groups=1)
     kept = {n: e for e in range(4) for n in cache.token[offsets[e] : offsets[e + 1]].tolist()}
@@ -233,14 +238,14 @@ def test_capacity_groups_keep_what_each_group_would_keep_alone():
     one_group = moe.dispatch(alone, x, idx)[3]
     assert one_group.M != cache.M  # the grouping changes which slots are kept here
     # within each expert: group by group, and the rows are the kept tokens' rows
-    assert np.array_equal(xs, x[cache.token])
+    assert array_equal(xs, x[cache.token])
 
 
 def test_capacity_groups_gradients():
     c = _layer_config(router="softmax", renormalize=False, top_k=1, capacity_factor=1.0, capacity_groups=2)
     rng = np.random.default_rng(5)
-    p = moe.init_params(c, "moe.", rng, c.init_std, c.init_std)
-    h, dy = rng.standard_normal((2, 4, c.n_embd)), rng.standard_normal((2, 4, c.n_embd))
+    p = {k: asarray(v) for k, v in moe.init_params(c, "moe.", rng, c.init_std, c.init_std).items()}
+    h, dy = asarray(rng.standard_normal((2, 4, c.n_embd))), asarray(rng.standard_normal((2, 4, c.n_embd)))
 
     def loss():
         y, _, st = moe.moe_forward(c, h, p, {}, "moe.", None, False)
@@ -348,7 +353,7 @@ def test_expert_parallel_ranks_store_only_their_experts():
         r = comm.Get_rank()
         w1 = "blocks.0.moe.experts.w1"
         assert model.params[w1].shape[0] == opt.m[w1].shape[0] == 2
-        assert np.array_equal(model.params[w1], full[w1][2 * r : 2 * r + 2])
+        assert array_equal(model.params[w1], full[w1][2 * r : 2 * r + 2])
         assert model.params["wte"].shape == full["wte"].shape
         return True
 
@@ -409,6 +414,7 @@ def test_training_step_on_device_ranks(aware, monkeypatch, restore_backend):
         on_device = all(backend.is_cupy_array(v) for v in [*model.params.values(), *model.grads.values()])
         return w.describe(model), on_device, w.full_state(model, opt)[0]
 
+    backend.set_backend("numpy")
     want = run_ranks(2, rank)[0][2].params  # numpy
     with fake_cupy.installed() as cp:
         cp.cuda.get_current_stream = lambda: SimpleNamespace(synchronize=lambda: None)

@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import BROKEN_TOL, EPS, GRAD_TOL, rand
+from conftest import BROKEN_TOL, EPS, GRAD_TOL, array_equal, asarray, assert_allclose, rand, to_numpy, xp
 
-from minimoe import GPT, Config, count_params, get_preset
+from minimoe import GPT, Config, backend, count_params, get_preset
 from minimoe.errors import ConfigError
 from minimoe.gradcheck import check_gradients, check_model, check_op, rel_error
 from minimoe.layers import attention, moe
@@ -34,7 +34,7 @@ def margins(monkeypatch):
     gaps = []
 
     def gap(values, k):  # smallest gap among each row's k + 1 best (finite) values
-        top = -np.sort(-values, axis=-1)[..., : k + 1]
+        top = -np.sort(-to_numpy(values), axis=-1)[..., : k + 1]
         d = -np.diff(top, axis=-1)
         if np.isfinite(d).any():
             gaps.append(float(d[np.isfinite(d)].min()))
@@ -46,17 +46,18 @@ def margins(monkeypatch):
         return softmax_topk(logits, k, renormalize)
 
     def group_recorded(scores, k, n_group=1, topk_group=1):
+        seen = to_numpy(scores)
         if n_group > 1:  # the 2 best of each group, the best groups, then the experts among them
-            grouped = scores.reshape(scores.shape[0], n_group, -1)
+            grouped = seen.reshape(seen.shape[0], n_group, -1)
             gap(grouped, 2)
             group_score = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)
             gap(group_score, topk_group)
             best = np.argsort(-group_score, axis=-1)[:, :topk_group]
             keep = np.zeros_like(group_score, dtype=bool)
             np.put_along_axis(keep, best, True, axis=-1)
-            scores_seen = np.where(np.repeat(keep, grouped.shape[-1], axis=-1), scores, -np.inf)
+            scores_seen = np.where(np.repeat(keep, grouped.shape[-1], axis=-1), seen, -np.inf)
         else:
-            scores_seen = scores
+            scores_seen = seen
         gap(scores_seen, k)
         return group_topk(scores, k, n_group, topk_group)
 
@@ -77,10 +78,11 @@ def _away_from_zero(rng, *shape):
 
 def test_relu_gradient_and_values(rng):
     x = _away_from_zero(rng, 4, 5)
-    assert check_op(activation.relu_forward, activation.relu_backward, [x], eps=EPS)[0] <= GRAD_TOL
-    y, _ = activation.relu_forward(x)
-    assert np.array_equal(y, np.where(x > 0, x, 0.0))
-    assert np.array_equal(activation.relu_backward(np.ones_like(x), activation.relu_forward(x)[1]), x > 0)
+    d = asarray(x)
+    assert check_op(activation.relu_forward, activation.relu_backward, [d], eps=EPS)[0] <= GRAD_TOL
+    y, _ = activation.relu_forward(d)
+    assert array_equal(y, np.where(x > 0, x, 0.0))
+    assert array_equal(activation.relu_backward(xp().ones_like(d), activation.relu_forward(d)[1]), x > 0)
 
 
 @pytest.mark.parametrize("biases", [True, False])
@@ -89,7 +91,7 @@ def test_relu_mlp_gradients(rng, biases):
     x, w1, w2 = rand(rng, 3, C), rand(rng, C, F, scale=0.5), rand(rng, F, C, scale=0.5)
     b1, b2 = (rand(rng, F), rand(rng, C)) if biases else (None, None)
     h = x @ w1 + (0 if b1 is None else b1)
-    assert np.abs(h).min() > 1e-3  # the pre-activations are away from the kink
+    assert float(abs(h).min()) > 1e-3  # the pre-activations are away from the kink
     if biases:
         err = check_op(ffn.relu_mlp_forward, ffn.relu_mlp_backward, [x, w1, b1, w2, b2], eps=EPS)
     else:
@@ -98,7 +100,7 @@ def test_relu_mlp_gradients(rng, biases):
         err = check_op(fwd, bwd, [x, w1, w2], eps=EPS)
     assert max(err.values()) <= GRAD_TOL, err
     y, _ = ffn.relu_mlp_forward(x, w1, b1, w2, b2)
-    np.testing.assert_allclose(y, np.maximum(h, 0) @ w2 + (0 if b2 is None else b2), rtol=1e-13)
+    assert_allclose(y, xp().maximum(h, 0) @ w2 + (0 if b2 is None else b2), rtol=1e-13)
 
 
 def test_relu_experts_gradients_with_an_empty_expert(rng):
@@ -115,7 +117,7 @@ def test_relu_experts_gradients_with_an_empty_expert(rng):
 
     assert max(check_op(fwd, bwd, [xs, w1, w2], eps=EPS).values()) <= GRAD_TOL
     y, _ = fwd(xs, w1, w2)
-    np.testing.assert_allclose(y[3:], np.maximum(xs[3:] @ w1[2], 0) @ w2[2], rtol=1e-13)
+    assert_allclose(y[3:], xp().maximum(xs[3:] @ w1[2], 0) @ w2[2], rtol=1e-13)
 
 
 def test_sigmoid_gate_gradients_and_values(rng):
@@ -123,15 +125,15 @@ def test_sigmoid_gate_gradients_and_values(rng):
     err = check_op(gate.sigmoid_gate_forward, gate.sigmoid_gate_backward, [v, z], eps=EPS)
     assert max(err.values()) <= GRAD_TOL, err
     y, _ = gate.sigmoid_gate_forward(v, z)
-    np.testing.assert_allclose(y, v / (1 + np.exp(-z)), rtol=1e-14)  # one scalar per token (row)
+    assert_allclose(y, v / (1 + xp().exp(-z)), rtol=1e-14)  # one scalar per token (row)
 
 
 def test_jitter_gradient_and_values(rng):
-    x, u = rand(rng, 5, 3), rng.uniform(0.9, 1.1, (5, 3))
+    x, u = rand(rng, 5, 3), asarray(rng.uniform(0.9, 1.1, (5, 3)))
     assert (
         check_op(lambda x: router.jitter_forward(x, u), router.jitter_backward, [x], eps=EPS)[0] <= GRAD_TOL
     )
-    assert np.array_equal(router.jitter_forward(x, u)[0], x * u)
+    assert array_equal(router.jitter_forward(x, u)[0], x * u)
 
 
 def _separated(rng, n, e, gap=0.3):
@@ -155,7 +157,10 @@ def _gates(forward):
 @pytest.mark.parametrize("n_group, topk_group", [(1, 1), (4, 2)])
 def test_sigmoid_router_variant_gradients(rng, margins, renormalize, n_group, topk_group):
     E, K = 8, 3
-    logits, bias = _separated(rng, 9, E), rng.permutation(E) * 0.002  # small: keeps the gaps
+    logits, bias = (
+        asarray(_separated(rng, 9, E)),
+        asarray(rng.permutation(E) * 0.002),
+    )  # small: keeps the gaps
     fwd = _gates(lambda lg: router.sigmoid_bias_topk_forward(lg, bias, K, renormalize, n_group, topk_group))
     err = check_op(fwd, router.sigmoid_bias_topk_backward, [logits], eps=EPS)
     assert err[0] <= GRAD_TOL and min(margins) > MARGIN
@@ -164,12 +169,13 @@ def test_sigmoid_router_variant_gradients(rng, margins, renormalize, n_group, to
 def test_sigmoid_router_without_renormalisation_gates_are_the_sigmoids(rng):
     logits, bias = rand(rng, 6, 5), rand(rng, 5, scale=0.3)
     g, idx, _ = router.sigmoid_bias_topk_forward(logits, bias, 2, renormalize=False)
-    s = 1 / (1 + np.exp(-logits))
-    np.testing.assert_allclose(g, np.take_along_axis(s, idx, axis=-1), rtol=1e-14)  # unbiased scores ...
-    assert np.array_equal(idx, np.argsort(-(s + bias), axis=-1, kind="stable")[:, :2])  # ... biased choice
     g_renorm, idx2, _ = router.sigmoid_bias_topk_forward(logits, bias, 2)
-    assert np.array_equal(idx, idx2)
-    np.testing.assert_allclose(g_renorm, g / g.sum(-1, keepdims=True), rtol=1e-14)
+    g, idx, logits, bias = (to_numpy(a) for a in (g, idx, logits, bias))
+    s = 1 / (1 + np.exp(-logits))
+    assert_allclose(g, np.take_along_axis(s, idx, axis=-1), rtol=1e-14)  # unbiased scores ...
+    assert array_equal(idx, np.argsort(-(s + bias), axis=-1, kind="stable")[:, :2])  # ... biased choice
+    assert array_equal(idx, idx2)
+    assert_allclose(g_renorm, g / g.sum(-1, keepdims=True), rtol=1e-14)
     assert np.abs(g.sum(-1) - 1).min() > 1e-3  # not renormalised: the gates do not sum to 1
 
 
@@ -188,18 +194,18 @@ def _group_limited_by_hand(scores, k, n_group, topk_group):
 @pytest.mark.parametrize("n_group, topk_group, k", [(4, 2, 3), (4, 1, 2), (2, 1, 4), (8, 3, 3)])
 def test_group_limited_topk_matches_a_loop_by_hand(rng, n_group, topk_group, k):
     scores = rng.uniform(size=(20, 16))
-    idx = router.group_limited_topk(scores, k, n_group, topk_group)
-    assert np.array_equal(idx, _group_limited_by_hand(scores, k, n_group, topk_group))
+    idx = to_numpy(router.group_limited_topk(asarray(scores), k, n_group, topk_group))
+    assert array_equal(idx, _group_limited_by_hand(scores, k, n_group, topk_group))
     # the experts chosen lie in at most topk_group groups, and the limit really binds sometimes
     assert all(len(set(row // (16 // n_group))) <= topk_group for row in idx)
-    assert not np.array_equal(idx, router.group_limited_topk(scores, k))
+    assert not array_equal(idx, router.group_limited_topk(asarray(scores), k))
 
 
 def _new_op_cases(rng):
     """name -> (forward, backward, inputs) of the new ops, for the broken-backward test."""
-    logits, bias = _separated(rng, 6, 8), rng.permutation(8) * 0.002
+    logits, bias = asarray(_separated(rng, 6, 8)), asarray(rng.permutation(8) * 0.002)
     H, Hkv, D = 2, 1, 3
-    u = rng.uniform(0.9, 1.1, (4, 3))
+    u = asarray(rng.uniform(0.9, 1.1, (4, 3)))
     return {
         "relu_mlp": (ffn.relu_mlp_forward, ffn.relu_mlp_backward,
                      [rand(rng, 3, 4), rand(rng, 4, 5), rand(rng, 5), rand(rng, 5, 4), rand(rng, 4)]),
@@ -253,14 +259,14 @@ def test_qk_norm_gradients(rng, per_head, H, Hkv, D):
         qkv, attention.QKNorm(per_head, wq * 0 + 1, wk * 0 + 1, 1e-14), H, Hkv, D
     )
     q = out[..., : H * D].reshape(2, 3, H, D) if per_head else out[..., : H * D]
-    np.testing.assert_allclose((q**2).mean(-1), 1.0, rtol=1e-12)  # unit RMS over what it normalises
-    assert np.array_equal(out[..., (H + Hkv) * D :], qkv[..., (H + Hkv) * D :])  # v untouched
+    assert_allclose((q**2).mean(-1), 1.0, rtol=1e-12)  # unit RMS over what it normalises
+    assert array_equal(out[..., (H + Hkv) * D :], qkv[..., (H + Hkv) * D :])  # v untouched
 
 
 @pytest.mark.parametrize("per_head", [False, True, None])
 def test_attention_with_qk_norm_head_dim_and_multiplier_gradients(rng, per_head):
     B, T, C, H, Hkv, D = 2, 5, 6, 4, 2, 4  # H * D = 16 != C = 6
-    rope = rope_tables(T, D, xp=np, dtype="float64")
+    rope = rope_tables(T, D, xp=xp(), dtype="float64")
     x, wqkv, bqkv = (
         rand(rng, B, T, C),
         rand(rng, C, (H + 2 * Hkv) * D, scale=0.5),
@@ -322,13 +328,16 @@ def _layer_check(c, seed, training=False):
     for name in p:
         if name.endswith(("router.b", "shared_gate.w")):  # nonzero, so their gradients are tested
             p[name] = rng.standard_normal(p[name].shape) * 0.5
+    p = {k: asarray(v) for k, v in p.items()}
     buffers = (
-        {pre + "router_bias": rng.standard_normal(c.n_experts) * 0.05} if c.router == "sigmoid_bias" else {}
+        {pre + "router_bias": asarray(rng.standard_normal(c.n_experts) * 0.05)}
+        if c.router == "sigmoid_bias"
+        else {}
     )
-    h, dy = rng.standard_normal((2, 4, c.n_embd)), rng.standard_normal((2, 4, c.n_embd))
+    h, dy = asarray(rng.standard_normal((2, 4, c.n_embd))), asarray(rng.standard_normal((2, 4, c.n_embd)))
 
     def run():  # a fresh, identically seeded rng each call: the same jitter every time
-        return moe.moe_forward(c, h, p, buffers, pre, np.random.default_rng(7), training)
+        return moe.moe_forward(c, h, p, buffers, pre, backend.make_rng(7), training)
 
     def loss():
         y, _, st = run()
@@ -373,39 +382,40 @@ def test_moe_layer_variant_gradients(name, margins):
 def test_jitter_acts_only_in_training_and_within_its_range():
     c = Config(**{**LAYER, "router_jitter": 0.1, "jitter_scope": "moe"})
     rng = np.random.default_rng(0)
-    p = moe.init_params(c, "m.", rng, 0.5, 0.5)
-    h = rng.standard_normal((2, 3, 6))
+    p = {k: asarray(v) for k, v in moe.init_params(c, "m.", rng, 0.5, 0.5).items()}
+    h = asarray(rng.standard_normal((2, 3, 6)))
     plain = moe.moe_forward(c.replace(router_jitter=0.0), h, p, {}, "m.", None, True)[0]
-    assert np.array_equal(moe.moe_forward(c, h, p, {}, "m.", np.random.default_rng(1), False)[0], plain)
-    y, cache, _ = moe.moe_forward(c, h, p, {}, "m.", np.random.default_rng(1), True)
-    assert 0.9 <= cache.jitter.min() and cache.jitter.max() <= 1.1 and cache.jitter.std() > 0.02
-    assert not np.allclose(y, plain)
+    assert array_equal(moe.moe_forward(c, h, p, {}, "m.", backend.make_rng(1), False)[0], plain)
+    y, cache, _ = moe.moe_forward(c, h, p, {}, "m.", backend.make_rng(1), True)
+    u = to_numpy(cache.jitter)
+    assert 0.9 <= u.min() and u.max() <= 1.1 and u.std() > 0.02
+    assert not np.allclose(to_numpy(y), to_numpy(plain))
 
 
 def test_routed_scaling_factor_scales_the_gates_only():
     c = Config(**{**LAYER, "router": "sigmoid_bias", "renormalize": False})
     rng = np.random.default_rng(1)
-    p = moe.init_params(c, "m.", rng, 0.5, 0.5)
-    buf = {"m.router_bias": np.zeros(8)}
-    h = rng.standard_normal((1, 5, 6))
+    p = {k: asarray(v) for k, v in moe.init_params(c, "m.", rng, 0.5, 0.5).items()}
+    buf = {"m.router_bias": xp().zeros(8)}
+    h = asarray(rng.standard_normal((1, 5, 6)))
     _, _, st1 = moe.moe_forward(c, h, p, buf, "m.", None, False)
     _, _, st2 = moe.moe_forward(c.replace(routed_scaling_factor=2.5), h, p, buf, "m.", None, False)
-    assert np.array_equal(st1["expert_idx"], st2["expert_idx"])
-    np.testing.assert_allclose(st2["gates"], 2.5 * st1["gates"], rtol=1e-15)
+    assert array_equal(st1["expert_idx"], st2["expert_idx"])
+    assert_allclose(st2["gates"], 2.5 * st1["gates"], rtol=1e-15)
 
 
 def test_shared_gate_scales_the_shared_expert_per_token():
     c = Config(**{**LAYER, "n_shared_experts": 1, "shared_hidden": 4})
     rng = np.random.default_rng(2)
-    p = moe.init_params(c.replace(shared_gate=True), "m.", rng, 0.5, 0.5)
-    h = rng.standard_normal((1, 4, 6))
+    p = {k: asarray(v) for k, v in moe.init_params(c.replace(shared_gate=True), "m.", rng, 0.5, 0.5).items()}
+    h = asarray(rng.standard_normal((1, 4, 6)))
     ungated = {k: v for k, v in p.items() if "shared_gate" not in k}
     routed_only = {k: v for k, v in ungated.items() if ".shared." not in k}
     y_ungated = moe.moe_forward(c, h, ungated, {}, "m.", None, False)[0]
     y_routed = moe.moe_forward(c.replace(n_shared_experts=0), h, routed_only, {}, "m.", None, False)[0]
     y_gated = moe.moe_forward(c.replace(shared_gate=True), h, p, {}, "m.", None, False)[0]
-    g = 1 / (1 + np.exp(-(h @ p["m.shared_gate.w"])))  # (1, 4, 1): one scalar per token
-    np.testing.assert_allclose(y_gated, y_routed + g * (y_ungated - y_routed), rtol=1e-12, atol=1e-14)
+    g = 1 / (1 + xp().exp(-(h @ p["m.shared_gate.w"])))  # (1, 4, 1): one scalar per token
+    assert_allclose(y_gated, y_routed + g * (y_ungated - y_routed), rtol=1e-12, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,9 +451,9 @@ def family_model(name, seed=3):
     rng = np.random.default_rng(seed)
     for k, v in model.params.items():  # nonzero biases and gains that differ from 1
         if k.endswith(("bqkv", ".bo", "router.b", "norm.w", ".b1", ".b2")):
-            v[...] = rng.standard_normal(v.shape) * 0.3 + (1.0 if k.endswith("norm.w") else 0.0)
+            v[...] = asarray(rng.standard_normal(v.shape) * 0.3 + (1.0 if k.endswith("norm.w") else 0.0))
     for b in model.buffers.values():  # a trained selection bias is not zero
-        b[...] = rng.standard_normal(b.shape) * 0.05
+        b[...] = asarray(rng.standard_normal(b.shape) * 0.05)
     return model
 
 
@@ -472,7 +482,7 @@ def test_multipliers_scale_what_they_say():
     idx = np.random.default_rng(0).integers(0, 11, (1, 6))
     ref = GPT(base, seed=2, dtype="float64").forward(idx)[0]
     halved = GPT(base.replace(logits_scaling=2.0), seed=2, dtype="float64").forward(idx)[0]
-    np.testing.assert_allclose(halved, ref / 2, rtol=1e-14)
+    assert_allclose(halved, ref / 2, rtol=1e-14)
     # with RMSNorm everywhere, scaling the embedding and every branch by the same factor changes
     # the residual stream's scale only: the logits stay the same (up to the norms' eps)
     both = GPT(base.replace(embedding_multiplier=8.0, residual_multiplier=8.0, norm_eps=1e-12), seed=2,
@@ -581,4 +591,4 @@ def test_family_step_and_generation_on_fake_cupy_match_numpy(fake_cupy_backend, 
         out[on] = {"logits": backend.to_numpy(logits), "loss": backend.to_numpy(loss), "tokens": tokens}
         out[on].update({k: backend.to_numpy(g) for k, g in model.grads.items()})
     for k, want in out["numpy"].items():
-        np.testing.assert_allclose(out["cupy"][k], want, rtol=1e-4, atol=1e-6, err_msg=k)
+        assert_allclose(out["cupy"][k], want, rtol=1e-4, atol=1e-6, err_msg=k)

@@ -3,6 +3,7 @@ for dense and MoE models, greedy and seeded sampling, also past block_size (slid
 
 import numpy as np
 import pytest
+from conftest import asarray
 
 from minimoe import GPT, Config
 from minimoe.sample import StreamDecoder, generate, sample_next, sample_text
@@ -23,7 +24,7 @@ MODELS = {
 def make_model(name, seed=0):
     model = GPT(Config(**BASE, **MODELS[name]), seed=seed, dtype="float64")
     for b in model.buffers.values():  # a trained DeepSeek bias is not zero: exercise it
-        b[...] = np.random.default_rng(1).standard_normal(b.shape) * 0.3
+        b[...] = asarray(np.random.default_rng(1).standard_normal(b.shape) * 0.3)
     return model
 
 

@@ -13,6 +13,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import array_equal
 
 from minimoe import GPT, Config, hf
 from minimoe.gradcheck import rel_error
@@ -112,7 +113,7 @@ def test_round_trip_returns_the_same_arrays(case):
     back = hf.to_hf(model)
     assert sorted(back) == sorted(sd)
     for k in sd:
-        assert back[k].dtype == np.float64 and np.array_equal(back[k], sd[k]), k
+        assert back[k].dtype == np.float64 and array_equal(back[k], sd[k]), k
 
 
 def test_gpt2_layout_is_copied_and_tied():
@@ -124,16 +125,16 @@ def test_gpt2_layout_is_copied_and_tied():
     assert (
         model.config.activation == "gelu" and model.config.block_size == 16 and model.config.ffn_hidden == 20
     )
-    assert np.array_equal(p["blocks.1.attn.wqkv"], sd["transformer.h.1.attn.c_attn.weight"])  # (C, 3C) as is
-    assert np.array_equal(p["blocks.0.mlp.w2"], sd["transformer.h.0.mlp.c_proj.weight"])
-    assert np.array_equal(p["wpe"], sd["transformer.wpe.weight"])
+    assert array_equal(p["blocks.1.attn.wqkv"], sd["transformer.h.1.attn.c_attn.weight"])  # (C, 3C) as is
+    assert array_equal(p["blocks.0.mlp.w2"], sd["transformer.h.0.mlp.c_proj.weight"])
+    assert array_equal(p["wpe"], sd["transformer.wpe.weight"])
     # a bare GPT2Model / old Hub checkpoint: no "transformer." prefix, causal-mask buffers, a tied lm_head
     bare = {k.removeprefix("transformer."): v for k, v in sd.items()}
     bare["h.0.attn.bias"] = np.tril(np.ones((1, 1, 16, 16)))
     bare["h.0.attn.masked_bias"] = np.array(-1e4)
     bare["lm_head.weight"] = sd["transformer.wte.weight"]
     model2 = hf.from_hf(bare, cfg, dtype="float64")
-    assert all(np.array_equal(model2.params[k], p[k]) for k in p)
+    assert all(array_equal(model2.params[k], p[k]) for k in p)
 
 
 def test_mixtral_layout_is_transposed_and_stacked():
@@ -145,15 +146,15 @@ def test_mixtral_layout_is_transposed_and_stacked():
     a, x = "model.layers.1.self_attn.", "model.layers.1.block_sparse_moe."
     wqkv = p["blocks.1.attn.wqkv"]  # (C, (H + 2 Hkv) D) = [q | k | v]
     assert wqkv.shape == (16, (H + 2 * Hkv) * D)
-    assert np.array_equal(wqkv[:, : H * D], sd[a + "q_proj.weight"].T)
-    assert np.array_equal(wqkv[:, H * D : (H + Hkv) * D], sd[a + "k_proj.weight"].T)
-    assert np.array_equal(wqkv[:, (H + Hkv) * D :], sd[a + "v_proj.weight"].T)
-    assert np.array_equal(p["blocks.1.attn.wo"], sd[a + "o_proj.weight"].T)
-    assert np.array_equal(p["blocks.1.moe.router.w"], sd[x + "gate.weight"].T)  # (C, E)
-    assert np.array_equal(p["blocks.1.moe.experts.w1"][3], sd[x + "experts.3.w1.weight"].T)  # (C, F)
-    assert np.array_equal(p["blocks.1.moe.experts.w3"][2], sd[x + "experts.2.w3.weight"].T)
-    assert np.array_equal(p["blocks.1.moe.experts.w2"][1], sd[x + "experts.1.w2.weight"].T)  # (F, C)
-    assert np.array_equal(p["lm_head"], sd["lm_head.weight"].T)
+    assert array_equal(wqkv[:, : H * D], sd[a + "q_proj.weight"].T)
+    assert array_equal(wqkv[:, H * D : (H + Hkv) * D], sd[a + "k_proj.weight"].T)
+    assert array_equal(wqkv[:, (H + Hkv) * D :], sd[a + "v_proj.weight"].T)
+    assert array_equal(p["blocks.1.attn.wo"], sd[a + "o_proj.weight"].T)
+    assert array_equal(p["blocks.1.moe.router.w"], sd[x + "gate.weight"].T)  # (C, E)
+    assert array_equal(p["blocks.1.moe.experts.w1"][3], sd[x + "experts.3.w1.weight"].T)  # (C, F)
+    assert array_equal(p["blocks.1.moe.experts.w3"][2], sd[x + "experts.2.w3.weight"].T)
+    assert array_equal(p["blocks.1.moe.experts.w2"][1], sd[x + "experts.1.w2.weight"].T)  # (F, C)
+    assert array_equal(p["lm_head"], sd["lm_head.weight"].T)
     assert (c.n_experts, c.top_k, c.n_kv_head, c.rope_theta, c.norm_eps) == (4, 2, 2, 1000.0, 1e-6)
     assert c.renormalize and c.router == "softmax" and c.capacity_factor == 0 and c.aux_loss_coef == 0.001
 
@@ -163,9 +164,9 @@ def test_mixtral_reads_and_writes_the_fused_transformers5_names():
     sd = mixtral_state_dict(cfg, np.random.default_rng(3))
     a = hf.from_hf(sd, cfg, dtype="float64")
     b = hf.from_hf(fused(sd, cfg), cfg, dtype="float64")
-    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    assert all(array_equal(a.params[k], b.params[k]) for k in a.params)
     out, want = hf.to_hf(a, layout="fused"), fused(sd, cfg)
-    assert sorted(out) == sorted(want) and all(np.array_equal(out[k], want[k]) for k in want)
+    assert sorted(out) == sorted(want) and all(array_equal(out[k], want[k]) for k in want)
     with pytest.raises(ValueError, match="layout"):
         hf.to_hf(a, layout="interleaved")
 
@@ -200,7 +201,7 @@ def test_grads_are_exported_under_hf_names():
     g = hf.to_hf(model, grads=True)
     assert sorted(g) == sorted(hf.to_hf(model))
     a = "model.layers.0.self_attn."
-    assert np.array_equal(g[a + "k_proj.weight"], model.grads["blocks.0.attn.wqkv"][:, 16:24].T)
+    assert array_equal(g[a + "k_proj.weight"], model.grads["blocks.0.attn.wqkv"][:, 16:24].T)
 
 
 def test_tied_gpt2_gradient_holds_both_uses():
@@ -334,11 +335,11 @@ def test_safetensors_reader_all_dtypes(tmp_path):
     })  # fmt: skip
     t = hf.read_safetensors(path)
     assert sorted(t) == ["bf16", "empty", "f16", "f32", "f64", "i64", "odd", "scalar"]
-    assert t["bf16"].dtype == np.float32 and np.array_equal(t["bf16"], bf16_vals.reshape(2, 3))
-    assert t["f64"].dtype == np.float64 and np.array_equal(t["f64"], f64)
-    assert t["f32"].dtype == np.float32 and np.array_equal(t["f32"], f32)
-    assert t["f16"].dtype == np.float16 and np.array_equal(t["f16"], f16)
-    assert np.array_equal(t["i64"], ids) and np.array_equal(t["odd"], [1, 2, 3])
+    assert t["bf16"].dtype == np.float32 and array_equal(t["bf16"], bf16_vals.reshape(2, 3))
+    assert t["f64"].dtype == np.float64 and array_equal(t["f64"], f64)
+    assert t["f32"].dtype == np.float32 and array_equal(t["f32"], f32)
+    assert t["f16"].dtype == np.float16 and array_equal(t["f16"], f16)
+    assert array_equal(t["i64"], ids) and array_equal(t["odd"], [1, 2, 3])
     assert t["scalar"].shape == () and t["scalar"] == 2.5 and t["empty"].shape == (0, 4)
     t["f32"][0] = 7.0  # arrays are ordinary writable copies, not views of the file
 
@@ -364,7 +365,7 @@ def test_safetensors_writer_round_trip(tmp_path):
     hf.write_safetensors(path, arrays, {"format": "pt"})
     back = hf.read_safetensors(path)
     for k, v in arrays.items():
-        assert back[k].dtype == v.dtype and np.array_equal(back[k], v)
+        assert back[k].dtype == v.dtype and array_equal(back[k], v)
     with open(path, "rb") as f:
         assert struct.unpack("<Q", f.read(8))[0] % 8 == 0  # data starts 8-byte aligned
     with pytest.raises(ValueError, match="complex"):
@@ -381,7 +382,7 @@ def test_safetensors_agrees_with_the_safetensors_package(tmp_path):
     hf.write_safetensors(str(tmp_path / "ours.safetensors"), arrays)
     theirs = st.load_file(str(tmp_path / "ours.safetensors"))
     for k, v in arrays.items():
-        assert np.array_equal(ours[k], v) and np.array_equal(theirs[k], v)
+        assert array_equal(ours[k], v) and array_equal(theirs[k], v)
 
 
 def test_load_pretrained_sharded_folder(tmp_path):
@@ -397,7 +398,7 @@ def test_load_pretrained_sharded_folder(tmp_path):
     model, tok = hf.load_pretrained(str(tmp_path))
     assert tok is None  # no tokenizer.json
     want = hf.from_hf(sd, cfg)
-    assert all(np.array_equal(model.params[k], want.params[k]) for k in want.params)
+    assert all(array_equal(model.params[k], want.params[k]) for k in want.params)
     index["weight_map"][names[0]] = "model-00002-of-00002.safetensors"  # a wrong index
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="does not hold"):
@@ -409,7 +410,7 @@ def test_save_then_load_pretrained(tmp_path):
     hf.save_pretrained(model, str(tmp_path))
     again, _ = hf.load_pretrained(str(tmp_path))
     assert again.config.replace(name="") == model.config.replace(name="")
-    assert all(np.array_equal(again.params[k], model.params[k]) for k in model.params)
+    assert all(array_equal(again.params[k], model.params[k]) for k in model.params)
     with pytest.raises(ValueError, match="config.json"):
         hf.load_pretrained(str(tmp_path / "nowhere"))
     os.remove(tmp_path / "model.safetensors")
@@ -639,4 +640,4 @@ def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path):
     back, _ = hf.load_pretrained(str(tmp_path / "theirs"), dtype="float64")
     want = {k: v.float().double().numpy() for k, v in ref.state_dict().items()}
     got = hf.to_hf(back, layout="fused")
-    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert sorted(got) == sorted(want) and all(array_equal(got[k], want[k]) for k in want)

@@ -14,6 +14,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import array_equal, asarray
 
 from minimoe import GPT, Config, hf
 from minimoe.errors import ConfigError
@@ -114,9 +115,9 @@ def random_model(case, seed=0, init_std=0.3):
     rng = np.random.default_rng(seed)
     for k, v in model.params.items():
         if k.endswith(("bqkv", ".bo", "norm.w", "ln1.w", "ln2.w", "ln_f.w")):
-            v[...] = rng.standard_normal(v.shape) * init_std + k.endswith(".w")
+            v[...] = asarray(rng.standard_normal(v.shape) * init_std + k.endswith(".w"))
     for v in model.buffers.values():  # DeepSeek-V3's selection bias, as after some training
-        v[...] = rng.standard_normal(v.shape) * 0.05
+        v[...] = asarray(rng.standard_normal(v.shape) * 0.05)
     return model
 
 
@@ -126,12 +127,12 @@ def test_names_shapes_and_round_trip(case):
     sd = hf.to_hf(model)
     assert sorted(sd) == expected_names(case)
     again = hf.from_hf(sd, hf.hf_config_from(model), dtype="float64")
-    assert all(np.array_equal(again.params[k], model.params[k]) for k in model.params)
-    assert all(np.array_equal(again.buffers[k], model.buffers[k]) for k in model.buffers)
+    assert all(array_equal(again.params[k], model.params[k]) for k in model.params)
+    assert all(array_equal(again.buffers[k], model.buffers[k]) for k in model.buffers)
     # transformers >= 5 module names, and the RoPE layout the case's config.json says, read back too
     fused = hf.to_hf(model, layout="fused", rope_interleave=CASES[case].get("rope_interleave", True))
     again = hf.from_hf(fused, CASES[case], dtype="float64")
-    assert all(np.array_equal(again.params[k], model.params[k]) for k in model.params)
+    assert all(array_equal(again.params[k], model.params[k]) for k in model.params)
 
 
 def test_layouts_of_the_stacked_and_gated_tensors():
@@ -140,22 +141,20 @@ def test_layouts_of_the_stacked_and_gated_tensors():
     sd, p, F = hf.to_hf(m), m.params, 6
     inp = sd["model.layers.1.block_sparse_moe.input_linear.weight"]
     assert inp.shape == (4, 2 * F, 16)
-    assert np.array_equal(inp[2, :F], p["blocks.1.moe.experts.w1"][2].T)
-    assert np.array_equal(inp[2, F:], p["blocks.1.moe.experts.w3"][2].T)
-    assert np.array_equal(
+    assert array_equal(inp[2, :F], p["blocks.1.moe.experts.w1"][2].T)
+    assert array_equal(inp[2, F:], p["blocks.1.moe.experts.w3"][2].T)
+    assert array_equal(
         sd["model.layers.0.block_sparse_moe.output_linear.weight"][3], p["blocks.0.moe.experts.w2"][3].T
     )
-    assert np.array_equal(
+    assert array_equal(
         sd["model.layers.0.shared_mlp.input_linear.weight"][10:], p["blocks.0.moe.shared.w3"].T
     )
     # Qwen2-MoE: the shared expert's gate (1, C) and the q/k/v biases
     m = random_model("qwen2_moe")
     sd, p = hf.to_hf(m), m.params
-    assert np.array_equal(
-        sd["model.layers.2.mlp.shared_expert_gate.weight"], p["blocks.2.moe.shared_gate.w"].T
-    )
+    assert array_equal(sd["model.layers.2.mlp.shared_expert_gate.weight"], p["blocks.2.moe.shared_gate.w"].T)
     assert sd["model.layers.2.mlp.shared_expert_gate.weight"].shape == (1, 16)
-    assert np.array_equal(sd["model.layers.0.self_attn.k_proj.bias"], p["blocks.0.attn.bqkv"][16:24])
+    assert array_equal(sd["model.layers.0.self_attn.k_proj.bias"], p["blocks.0.attn.bqkv"][16:24])
     # Qwen3-MoE: head_dim 6 with 4 heads, q_norm over one head
     m = random_model("qwen3_moe")
     sd = hf.to_hf(m)
@@ -332,23 +331,23 @@ def test_deepseek_rope_columns_are_permuted_and_mtp_layers_ignored():
     halves = hf.to_hf(model, rope_interleave=False)
     inter = hf.to_hf(model)  # DeepSeek's interleaved pairs: rows [0, 2 | 1, 3] of each head's RoPE part
     q = "model.layers.0.self_attn.q_b_proj.weight"
-    assert np.array_equal(halves[q], p["blocks.0.attn.wq_b"].T)
+    assert array_equal(halves[q], p["blocks.0.attn.wq_b"].T)
     for h in range(4):  # per head [nope (3) | rope (4)]
         rows = h * (dn + dr) + dn + np.arange(dr)
-        assert np.array_equal(inter[q][rows[[0, 2, 1, 3]]], halves[q][rows])
-        assert np.array_equal(inter[q][h * 7 : h * 7 + dn], halves[q][h * 7 : h * 7 + dn])
+        assert array_equal(inter[q][rows[[0, 2, 1, 3]]], halves[q][rows])
+        assert array_equal(inter[q][h * 7 : h * 7 + dn], halves[q][h * 7 : h * 7 + dn])
     kv = "model.layers.2.self_attn.kv_a_proj_with_mqa.weight"
-    assert np.array_equal(inter[kv][:8], halves[kv][:8]) and np.array_equal(
+    assert array_equal(inter[kv][:8], halves[kv][:8]) and array_equal(
         inter[kv][[8, 10, 9, 11]], halves[kv][8:]
     )
-    assert np.array_equal(
+    assert array_equal(
         inter["model.layers.2.mlp.gate.e_score_correction_bias"], model.buffers["blocks.2.moe.router_bias"]
     )
     # the Hub checkpoint's multi-token-prediction layer (model.layers.<n_layer>.*) is not part of the model
     cfg = dict(hf.hf_config_from(model), num_nextn_predict_layers=1)
     extra = {"model.layers.3.eh_proj.weight": np.zeros((16, 32)), "model.layers.3.enorm.weight": np.ones(16)}
     again = hf.from_hf({**inter, **extra}, cfg, dtype="float64")
-    assert all(np.array_equal(again.params[k], p[k]) for k in p)
+    assert all(array_equal(again.params[k], p[k]) for k in p)
     with pytest.raises(ValueError, match="does not use"):  # ... but only those layers
         hf.from_hf({**inter, **extra}, dict(cfg, num_nextn_predict_layers=0), dtype="float64")
 
@@ -359,7 +358,7 @@ def test_save_and_load_pretrained_keep_the_family(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "qwen2_moe" and saved["architectures"] == ["Qwen2MoeForCausalLM"]
     back, _ = hf.load_pretrained(str(tmp_path), dtype="float64")
-    assert all(np.array_equal(back.params[k], model.params[k]) for k in model.params)
+    assert all(array_equal(back.params[k], model.params[k]) for k in model.params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +560,7 @@ def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path, case):
     back, _ = hf.load_pretrained(str(tmp_path / "theirs"), dtype="float64")
     want = {k: v.float().double().numpy() for k, v in ref.state_dict().items()}
     got = hf.to_hf(back, layout="fused")
-    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert sorted(got) == sorted(want) and all(array_equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("case", ["deepseek_v3", "qwen2_moe"])

@@ -13,7 +13,17 @@ and test_mutation.py breaks each of these backwards too, to show that the same c
 
 import numpy as np
 import pytest
-from conftest import EPS, GRAD_TOL, rand, tiny_config
+from conftest import (
+    EPS,
+    GRAD_TOL,
+    asarray,
+    assert_allclose,
+    assert_array_equal,
+    rand,
+    tiny_config,
+    to_numpy,
+    xp,
+)
 
 from minimoe import gradcheck
 from minimoe.layers import attention, ffn
@@ -30,7 +40,7 @@ def _ffn(flavour, **overrides):
     def build(rng):
         c = tiny_config(flavour, **overrides)
         pre = "blocks.0.mlp."
-        p = ffn.init_ffn_params(c, pre, c.ffn_hidden, rng, 0.5, 0.5)
+        p = {k: asarray(v) for k, v in ffn.init_ffn_params(c, pre, c.ffn_hidden, rng, 0.5, 0.5).items()}
         for name in p:
             if name.endswith(("b1", "b2")):  # nonzero biases, so their gradient is really tested
                 p[name] = rand(rng, *p[name].shape)
@@ -54,7 +64,7 @@ def _self_attention(H, Hkv, bias, use_rope):
     C, D, T = 8, 8 // H, 5
 
     def build(rng):
-        rope = rope_tables(T, D, xp=np, dtype="float64") if use_rope else None
+        rope = rope_tables(T, D, xp=xp(), dtype="float64") if use_rope else None
         x, wqkv, wo = (
             rand(rng, 2, T, C),
             rand(rng, C, (H + 2 * Hkv) * D, scale=0.5),
@@ -134,10 +144,10 @@ def test_ffn_params_follow_the_config(flavour, overrides, names):
     rng = np.random.default_rng(0)
     for n in names:
         if n.startswith("b"):
-            np.testing.assert_array_equal(p["x." + n], 0.0)
+            assert_array_equal(p["x." + n], 0.0)
         else:
             std = 0.25 if n == "w2" else 0.5  # std_out on the projection into the residual stream
-            np.testing.assert_array_equal(p["x." + n], rng.standard_normal(shapes[n]) * std)
+            assert_array_equal(p["x." + n], rng.standard_normal(shapes[n]) * std)
 
 
 def test_ffn_gelu_exact_and_tanh_differ():
@@ -148,8 +158,8 @@ def test_ffn_gelu_exact_and_tanh_differ():
     for act in ("gelu", "gelu_exact"):
         c = tiny_config("gpt2", activation=act)
         p = ffn.init_ffn_params(c, "m.", 12, np.random.default_rng(1), 0.5, 0.5)
-        ys[act] = ffn.ffn_forward(c, x, p, "m.")[0]
-    assert 1e-6 < np.abs(ys["gelu"] - ys["gelu_exact"]).max() < 0.1
+        ys[act] = ffn.ffn_forward(c, x, {k: asarray(v) for k, v in p.items()}, "m.")[0]
+    assert 1e-6 < np.abs(to_numpy(ys["gelu"] - ys["gelu_exact"])).max() < 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,33 +171,33 @@ def test_ffn_gelu_exact_and_tanh_differ():
 def test_self_attention_is_causal(rng, use_rope):
     B, T, C, H, Hkv = 2, 6, 8, 4, 2
     D = C // H
-    rope = rope_tables(T, D, xp=np, dtype="float64") if use_rope else None
+    rope = rope_tables(T, D, xp=xp(), dtype="float64") if use_rope else None
     x, wqkv, wo = rand(rng, B, T, C), rand(rng, C, (H + 2 * Hkv) * D), rand(rng, H * D, C)
     y, _ = attention.self_attention_forward(x, wqkv, None, wo, None, H, Hkv, rope)
     for t in range(T - 1):
         x2 = x.copy()
         x2[:, t + 1 :] = rand(rng, B, T - t - 1, C)
         y2, _ = attention.self_attention_forward(x2, wqkv, None, wo, None, H, Hkv, rope)
-        np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-13)
-        assert not np.allclose(y2[:, t + 1 :], y[:, t + 1 :])
+        assert_allclose(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-13)
+        assert not np.allclose(to_numpy(y2[:, t + 1 :]), to_numpy(y[:, t + 1 :]))
 
 
 @pytest.mark.parametrize("Hkv", [4, 2, 1])
 def test_self_attention_kv_cache_equals_full_recomputation(rng, Hkv):
     B, T, C, H = 2, 7, 8, 4
     D = C // H
-    cos, sin = rope_tables(T, D, xp=np, dtype="float64")
+    cos, sin = rope_tables(T, D, xp=xp(), dtype="float64")
     x, wqkv, wo = rand(rng, B, T, C), rand(rng, C, (H + 2 * Hkv) * D), rand(rng, H * D, C)
     bqkv, bo = rand(rng, (H + 2 * Hkv) * D), rand(rng, C)
     full, _ = attention.self_attention_forward(x, wqkv, bqkv, wo, bo, H, Hkv, (cos, sin))
-    cache = attention.KVCache(1, B, Hkv, T, D, xp=np, dtype="float64")
+    cache = attention.KVCache(1, B, Hkv, T, D, xp=xp(), dtype="float64")
     parts = []
     for lo, hi in ((0, 3), (3, 4), (4, 7)):  # a prompt, then one token, then a chunk
         rope = (cos[lo:hi], sin[lo:hi])
         y, _ = attention.self_attention_forward(x[:, lo:hi], wqkv, bqkv, wo, bo, H, Hkv, rope, kv=(cache, 0))
         cache.pos += hi - lo
         parts.append(y)
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-13)
+    assert_allclose(xp().concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="KV cache"):
         attention.self_attention_forward(
             x[:, :1], wqkv, bqkv, wo, bo, H, Hkv, (cos[:1], sin[:1]), kv=(cache, 0)

@@ -21,11 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import on_host_only
 
 from minimoe import lessons as L
 from minimoe.lessons.execute import run_notebook
 from minimoe.lessons.grade import guard_report, learner_functions, with_guard
 from minimoe.lessons.markup import defined_functions
+
+# the lessons' cells and checks run in this process too, where a learner's numpy code meets the
+# package's arrays
+pytestmark = on_host_only(
+    "the lessons are NumPy-only: their cells and checks run learner numpy code in this process"
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = ROOT / "lessons"

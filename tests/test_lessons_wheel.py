@@ -15,10 +15,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import on_host_only
 
 pytest.importorskip("build", reason="the `build` package makes the wheel (pip install build)")
 pytest.importorskip("ipykernel", reason="ipykernel runs lesson 00 from the installed wheel")
 pytest.importorskip("nbclient", reason="nbclient executes lesson 00 from the installed wheel")
+
+pytestmark = on_host_only("the lessons are NumPy-only: lesson 00 runs from the installed wheel, on numpy")
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("minimoe", "lessons", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE")

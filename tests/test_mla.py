@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import BROKEN_TOL, EPS, GRAD_TOL, rand
+from conftest import BROKEN_TOL, EPS, GRAD_TOL, asarray, assert_allclose, assert_array_equal, rand, xp
 
 from minimoe import GPT, Config, backend, gradcheck
 from minimoe.errors import ConfigError
@@ -47,7 +47,7 @@ def _op_case(rq, seed=0):
     s = SIZES
     w = _weights(rng, rq)
     fields = [f for f in mla.MLAWeights._fields if getattr(w, f) is not None]
-    rope = rope_tables(s["T"], s["dr"], xp=np, dtype="float64")
+    rope = rope_tables(s["T"], s["dr"], xp=xp(), dtype="float64")
 
     def fwd(x, *arrays):
         ws = w._replace(**dict(zip(fields, arrays)))
@@ -91,8 +91,8 @@ def test_core_equals_attention_with_the_rope_key_copied_into_every_head():
     from minimoe.ops.attention import causal_attention_forward_reference
 
     qn, qp, kn, kp, v = _core_inputs(np.random.default_rng(4), 3, 6, dv=7)  # dn + dr = 7 = dv
-    q = np.concatenate([qn, qp], -1)
-    k = np.concatenate([kn, np.repeat(kp, 3, axis=1)], -1)
+    q = xp().concatenate([qn, qp], -1)
+    k = xp().concatenate([kn, xp().repeat(kp, 3, axis=1)], -1)
     want = causal_attention_forward_reference(q, k, v)[0]
     assert rel_error(mla.mla_attend_forward(qn, qp, kn, kp, v)[0], want) <= 1e-13
 
@@ -142,7 +142,7 @@ def test_each_broken_gradient_is_caught(rq, how):
             if how == "scale":
                 g *= 1.01
             else:
-                g.reshape(-1)[np.abs(g).argmax()] *= -1.0
+                g.reshape(-1)[int(abs(g).argmax())] *= -1.0
             grads[position] = g
             return tuple(grads)
 
@@ -212,9 +212,9 @@ def test_op_decoding_with_the_latent_cache_equals_full_recomputation(rq):
     T, H, dr, rkv = 9, 3, 4, 5
     w = _weights(rng, rq)
     x = rand(rng, 2, T, 6)
-    cos, sin = rope_tables(T, dr, xp=np, dtype="float64")
+    cos, sin = rope_tables(T, dr, xp=xp(), dtype="float64")
     full, cache = mla.mla_forward(x, w, H, (cos, sin))
-    kv = mla.LatentKVCache(1, 2, T, rkv, dr, xp=np, dtype="float64")
+    kv = mla.LatentKVCache(1, 2, T, rkv, dr, xp=xp(), dtype="float64")
     steps = [(0, 4), (4, 5), (5, 6), (6, 9)]  # a prefill of 4, single tokens, a chunk of 3
     for a, b in steps:
         y, none = mla.mla_forward(x[:, a:b], w, H, (cos[a:b], sin[a:b]), kv=(kv, 0))
@@ -273,13 +273,13 @@ def test_cache_memory_per_token_is_the_formula(dtype, itemsize):
     B, T = 3, 10
     mla_cfg = mla_config(n_layer=3, kv_lora_rank=7, qk_rope_head_dim=6)
     assert kv_cache_per_token(mla_cfg) == 3 * (7 + 6)  # n_layer (rkv + dr): no head in it
-    cache = attention_layer.make_kv_cache(mla_cfg, B, T, xp=np, dtype=dtype)
+    cache = attention_layer.make_kv_cache(mla_cfg, B, T, xp=xp(), dtype=dtype)
     assert isinstance(cache, mla.LatentKVCache)
     assert cache.nbytes == B * T * kv_cache_per_token(mla_cfg) * itemsize
     for n_kv_head in (4, 2, 1):  # MHA, GQA, MQA: 2 Hkv D per layer
         cfg = Config(flavour="llama", n_layer=3, n_head=4, n_kv_head=n_kv_head, n_embd=16)
         assert kv_cache_per_token(cfg) == 3 * 2 * n_kv_head * 4
-        kv = attention_layer.make_kv_cache(cfg, B, T, xp=np, dtype=dtype)
+        kv = attention_layer.make_kv_cache(cfg, B, T, xp=xp(), dtype=dtype)
         assert sum(a.nbytes for a in kv.k + kv.v) == B * T * kv_cache_per_token(cfg) * itemsize
 
 
@@ -299,9 +299,9 @@ def test_rope_interleave_perm():
 
     rng = np.random.default_rng(0)
     x = rand(rng, 1, 2, 5, 6)
-    cos, sin = rope_tables(5, 6, xp=np, dtype="float64")
+    cos, sin = rope_tables(5, 6, xp=xp(), dtype="float64")
     ev, od = x[..., 0::2], x[..., 1::2]
-    interleaved = np.concatenate([ev * cos - od * sin, od * cos + ev * sin], -1)
+    interleaved = xp().concatenate([ev * cos - od * sin, od * cos + ev * sin], -1)
     assert mla.rope_interleave_perm(6) == [0, 2, 4, 1, 3, 5]
     assert rel_error(rope_forward(x[..., mla.rope_interleave_perm(6)], cos, sin)[0], interleaved) <= 1e-15
 
@@ -315,7 +315,7 @@ def test_checkpoint_round_trip_keeps_mla(tmp_path):
     )
     assert back.config == model.config and back.config.attention == "mla"
     idx = np.array([[1, 2, 3, 4]])
-    assert np.array_equal(back.forward(idx)[0], model.forward(idx)[0])
+    assert_array_equal(back.forward(idx)[0], model.forward(idx)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def _parity(torch, transformers, q_lora_rank, rope_interleave, patched):
     w, hf_grad = _ours_from_hf(attn, q_lora_rank, rope_interleave)
     B, T, H = 2, 7, PARITY["num_attention_heads"]
     rng = np.random.default_rng(1)
-    x, dy = rand(rng, B, T, PARITY["hidden_size"]), rand(rng, B, T, PARITY["hidden_size"])
+    x, dy = (rng.standard_normal((B, T, PARITY["hidden_size"])) for _ in range(2))  # host: torch reads them
     cos, sin = rope_tables(T, PARITY["qk_rope_head_dim"], PARITY["rope_theta"], xp=np, dtype="float64")
     if patched:  # our float64 tables, as transformers lays them out: [angles | angles]
         pos_emb = tuple(torch.from_numpy(np.concatenate([a, a], -1))[None] for a in (cos, sin))
@@ -502,8 +502,10 @@ def _parity(torch, transformers, q_lora_rank, rope_interleave, patched):
     xt = torch.from_numpy(x).requires_grad_(True)
     out, _ = attn(xt, position_embeddings=pos_emb, attention_mask=None)
     out.backward(torch.from_numpy(dy))
-    y, cache = mla.mla_forward(x, w, H, (cos, sin), eps=1e-6)
-    dx, grads = mla.mla_backward(dy, cache)
+    # ours on the session's backend (torch's side stays on the host)
+    w = w._replace(**{f: asarray(getattr(w, f)) for f in w._fields if getattr(w, f) is not None})
+    y, cache = mla.mla_forward(asarray(x), w, H, (asarray(cos), asarray(sin)), eps=1e-6)
+    dx, grads = mla.mla_backward(asarray(dy), cache)
     errs = {f: rel_error(getattr(grads, f), hf_grad[f]()) for f in w._fields if getattr(w, f) is not None}
     worst = max(errs, key=errs.get)
     return rel_error(y, out.detach().numpy()), rel_error(dx, xt.grad.numpy()), errs[worst], worst
@@ -572,5 +574,5 @@ def test_mla_on_fake_cupy_matches_numpy(fake_cupy_backend):
         out[on]["tokens"] = np.array([generate(model, [1, 2, 3], 8, temperature=0.0, use_cache=u)
                                       for u in (True, False)])  # fmt: skip
     for k, ref in out["numpy"].items():
-        np.testing.assert_allclose(out["cupy"][k], ref, rtol=1e-5, atol=1e-7, err_msg=k)
+        assert_allclose(out["cupy"][k], ref, rtol=1e-5, atol=1e-7, err_msg=k)
     assert (out["cupy"]["tokens"][0] == out["cupy"]["tokens"][1]).all()

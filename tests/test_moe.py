@@ -13,8 +13,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import asarray, assert_allclose, assert_array_equal, to_numpy, xp
 
-from minimoe import GPT, AdamW, data, get_preset
+from minimoe import GPT, AdamW, backend, data, get_preset
 from minimoe.config import Config
 from minimoe.gradcheck import check_gradients, check_model, check_op
 from minimoe.layers import moe
@@ -34,7 +35,7 @@ def router_margin(monkeypatch):
     gaps = []
 
     def record(scores, k):
-        top = -np.sort(-scores, axis=-1)[:, : k + 1]
+        top = -np.sort(-to_numpy(scores), axis=-1)[:, : k + 1]
         if top.shape[1] > 1:
             gaps.append(float(-np.diff(top, axis=-1).min()))
 
@@ -64,7 +65,7 @@ def _routing(seed, n=N, e=E, k=K):
     """Random distinct experts per token (n, k) and positive gates (n, k)."""
     rng = np.random.default_rng(seed)
     idx = np.stack([rng.permutation(e)[:k] for _ in range(n)])
-    return idx, rng.uniform(0.2, 1.0, (n, k)), rng.standard_normal((n, C))
+    return asarray(idx), asarray(rng.uniform(0.2, 1.0, (n, k))), asarray(rng.standard_normal((n, C)))
 
 
 @pytest.mark.parametrize("capacity", [None, 3])
@@ -72,7 +73,7 @@ def test_combine_gradients_wrt_y_sorted_and_gates(capacity):
     idx, gates, x = _routing(0)
     x_sorted, offsets, counts, c_disp = experts.dispatch_forward(x, idx, E, capacity)
     assert (offsets[-1] < N * K) == (capacity is not None)  # capacity mode really drops here
-    y_sorted = np.random.default_rng(1).standard_normal(x_sorted.shape)
+    y_sorted = asarray(np.random.default_rng(1).standard_normal(x_sorted.shape))
     err = check_op(
         lambda ys, g: experts.combine_forward(ys, g, c_disp),
         experts.combine_backward,
@@ -104,8 +105,8 @@ def test_experts_gradients_with_an_empty_expert(activation):
     offsets = [0, 4, 4, 7, 9]  # expert 1 receives no tokens
     names = ["w1", "w3", "w2"] if activation == "swiglu" else ["w1", "w2"]
     shapes = {"w1": (E, C, F), "w3": (E, C, F), "w2": (E, F, C)}
-    ws = [rng.standard_normal(shapes[n]) * 0.7 for n in names]
-    x_sorted = rng.standard_normal((M, C))
+    ws = [asarray(rng.standard_normal(shapes[n]) * 0.7) for n in names]
+    x_sorted = asarray(rng.standard_normal((M, C)))
 
     def forward(xs, *w):
         return experts.experts_forward(xs, offsets, dict(zip(names, w)), activation)
@@ -116,24 +117,25 @@ def test_experts_gradients_with_an_empty_expert(activation):
 
     err = check_op(forward, backward, [x_sorted, *ws], eps=EPS)
     assert max(err.values()) <= TOL, err
-    _, dw = experts.experts_backward(np.ones((M, C)), forward(x_sorted, *ws)[1])
+    _, dw = experts.experts_backward(xp().ones((M, C)), forward(x_sorted, *ws)[1])
     for n in names:
-        np.testing.assert_array_equal(dw[n][1], 0.0)  # the idle expert learns nothing
-        assert np.abs(dw[n][0]).max() > 0
+        assert_array_equal(dw[n][1], 0.0)  # the idle expert learns nothing
+        assert float(abs(dw[n][0]).max()) > 0
 
 
 def test_identity_experts_reproduce_gated_sum():
     idx, gates, x = _routing(4)
     x_sorted, offsets, counts, c_disp = experts.dispatch_forward(x, idx, E)
-    np.testing.assert_array_equal(counts, np.bincount(idx.ravel(), minlength=E))
+    y, _ = experts.combine_forward(x_sorted, gates, c_disp)  # identity experts: y_sorted = x_sorted
+    idx, counts, x_sorted = to_numpy(idx), to_numpy(counts), to_numpy(x_sorted)
+    assert_array_equal(counts, np.bincount(idx.ravel(), minlength=E))
     assert offsets == [0, *np.cumsum(counts).tolist()]
     # slices are grouped by expert: every row of expert e's slice is a token that chose e
     for e in range(E):
         for row in x_sorted[offsets[e] : offsets[e + 1]]:
-            n = int(np.flatnonzero((x == row).all(axis=1))[0])
+            n = int(np.flatnonzero((to_numpy(x) == row).all(axis=1))[0])
             assert e in idx[n]
-    y, _ = experts.combine_forward(x_sorted, gates, c_disp)  # identity experts: y_sorted = x_sorted
-    np.testing.assert_allclose(y, gates.sum(axis=1, keepdims=True) * x, rtol=1e-13)
+    assert_allclose(y, gates.sum(axis=1, keepdims=True) * x, rtol=1e-13)
 
 
 def test_capacity_keeps_exactly_the_documented_slots():
@@ -149,18 +151,18 @@ def test_capacity_keeps_exactly_the_documented_slots():
     #   expert 2: (0,0) (1,1)                    -> keeps both
     kept = np.array([[1, 0], [1, 1], [1, 0], [1, 0], [1, 0], [0, 0]], dtype=bool)
     x = np.arange(6.0)[:, None] * np.ones((1, 2)) + 1.0  # token n's row is all n + 1
-    x_sorted, offsets, counts, c_disp = experts.dispatch_forward(x, idx, 3, capacity)
-    np.testing.assert_array_equal(counts, [5, 5, 2])  # before drops
+    x_sorted, offsets, counts, c_disp = experts.dispatch_forward(asarray(x), asarray(idx), 3, capacity)
+    assert_array_equal(counts, [5, 5, 2])  # before drops
     assert offsets == [0, 2, 4, 6]
-    np.testing.assert_array_equal(x_sorted[:, 0], np.array([1, 2, 3, 4, 0, 1]) + 1.0)
+    assert_array_equal(x_sorted[:, 0], np.array([1, 2, 3, 4, 0, 1]) + 1.0)
     gates = np.random.default_rng(5).uniform(0.2, 1.0, idx.shape)
-    y, c_comb = experts.combine_forward(x_sorted, gates, c_disp)  # identity experts
-    np.testing.assert_allclose(y, (gates * kept).sum(axis=1, keepdims=True) * x, rtol=1e-13)
-    np.testing.assert_array_equal(y[5], 0.0)  # token 5 lost both slots: no expert output at all
+    y, c_comb = experts.combine_forward(x_sorted, asarray(gates), c_disp)  # identity experts
+    assert_allclose(y, (gates * kept).sum(axis=1, keepdims=True) * x, rtol=1e-13)
+    assert_array_equal(y[5], 0.0)  # token 5 lost both slots: no expert output at all
     # dropped slots get no gate gradient, and token 5 no gradient through the experts
-    _, dgates = experts.combine_backward(np.ones_like(y), c_comb)
-    assert ((dgates != 0) == kept).all()
-    np.testing.assert_array_equal(experts.dispatch_backward(np.ones_like(x_sorted), c_disp)[5], 0.0)
+    _, dgates = experts.combine_backward(xp().ones_like(y), c_comb)
+    assert ((to_numpy(dgates) != 0) == kept).all()
+    assert_array_equal(experts.dispatch_backward(xp().ones_like(x_sorted), c_disp)[5], 0.0)
 
 
 def test_capacity_for():
@@ -205,11 +207,12 @@ def _layer_gradcheck(c, seed, training=False, bias=None):
     p = moe.init_params(c, pre, rng, c.init_std, c.init_std / math.sqrt(2))
     if c.router == "noisy":
         p[pre + "router.w_noise"] = rng.standard_normal(p[pre + "router.w_noise"].shape) * 0.5
-    buffers = {pre + "router_bias": bias} if bias is not None else {}
-    h, dy = rng.standard_normal((2, 4, c.n_embd)), rng.standard_normal((2, 4, c.n_embd))
+    p = {k: asarray(v) for k, v in p.items()}
+    buffers = {pre + "router_bias": asarray(bias)} if bias is not None else {}
+    h, dy = asarray(rng.standard_normal((2, 4, c.n_embd))), asarray(rng.standard_normal((2, 4, c.n_embd)))
 
     def run():  # a fresh, identically seeded rng each call: the same router noise every time
-        return moe.moe_forward(c, h, p, buffers, pre, np.random.default_rng(7), training)
+        return moe.moe_forward(c, h, p, buffers, pre, backend.make_rng(7), training)
 
     def loss():
         y, _, st = run()
@@ -248,7 +251,7 @@ def test_moe_layer_gradients_noisy_router_in_training(router_margin):
     errors, grads, _ = _layer_gradcheck(c, seed=12, training=True)
     assert max(errors.values()) <= TOL, errors
     assert min(router_margin) > MARGIN
-    assert np.abs(grads["moe.router.w_noise"]).max() > 1e-3  # the noise scale is being learned
+    assert float(abs(grads["moe.router.w_noise"]).max()) > 1e-3  # the noise scale is being learned
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -260,7 +263,7 @@ def test_noisy_router_honours_renormalize_false(training, router_margin):
     errors, grads, stats = _layer_gradcheck(c, seed=13, training=training)
     assert max(errors.values()) <= TOL, errors
     assert min(router_margin) > MARGIN
-    assert stats["gates"].sum(axis=-1).max() < 1.0 - 1e-3
+    assert float(stats["gates"].sum(axis=-1).max()) < 1.0 - 1e-3
 
 
 def test_noisy_router_gates_without_renormalisation_are_the_softmax_probabilities():
@@ -269,15 +272,16 @@ def test_noisy_router_gates_without_renormalisation_are_the_softmax_probabilitie
     for renorm in (True, False):
         c = _layer_config(router="noisy", renormalize=renorm)  # n_embd = 6
         p = moe.init_params(c, "moe.", np.random.default_rng(1), 0.5, 0.5)
-        _, _, st = moe.moe_forward(c, h, p, {}, "moe.", None, False)  # evaluation: no noise
+        dev = {k: asarray(v) for k, v in p.items()}
+        _, _, st = moe.moe_forward(c, asarray(h), dev, {}, "moe.", None, False)  # evaluation: no noise
         logits = h.reshape(-1, c.n_embd) @ p["moe.router.w"]
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
-        chosen = np.take_along_axis(probs, st["expert_idx"], axis=-1)
-        gates[renorm] = st["gates"]
+        chosen = np.take_along_axis(probs, to_numpy(st["expert_idx"]), axis=-1)
+        gates[renorm] = to_numpy(st["gates"])
         expected = chosen / chosen.sum(axis=-1, keepdims=True) if renorm else chosen
-        np.testing.assert_allclose(st["gates"], expected, rtol=1e-12)
-    np.testing.assert_allclose(gates[True].sum(axis=-1), 1.0, rtol=1e-12)
+        assert_allclose(st["gates"], expected, rtol=1e-12)
+    assert_allclose(gates[True].sum(axis=-1), 1.0, rtol=1e-12)
     assert gates[False].sum(axis=-1).max() < 1.0 - 1e-3
 
 
@@ -290,12 +294,13 @@ def test_token_with_every_slot_dropped_gets_zero_from_the_layer():
     p["moe.router.w"][0, 0] = 5.0
     h = rng.standard_normal((1, 4, 4))
     h[..., 0] = 1.0  # logits [5, 0] for every token
-    y, _, stats = moe.moe_forward(c, h, p, {}, "moe.", None, False)
-    np.testing.assert_array_equal(stats["expert_idx"][:, 0], 0)
-    np.testing.assert_array_equal(stats["tokens_per_expert"], [4, 0])
+    p = {k: asarray(v) for k, v in p.items()}
+    y, _, stats = moe.moe_forward(c, asarray(h), p, {}, "moe.", None, False)
+    assert_array_equal(stats["expert_idx"][:, 0], 0)
+    assert_array_equal(stats["tokens_per_expert"], [4, 0])
     assert stats["dropped_fraction"] == 0.75
-    assert np.abs(y[0, 0]).max() > 0  # the first token keeps its slot ...
-    np.testing.assert_array_equal(y[0, 1:], 0.0)  # ... the other three pass on the residual alone
+    assert float(abs(y[0, 0]).max()) > 0  # the first token keeps its slot ...
+    assert_array_equal(y[0, 1:], 0.0)  # ... the other three pass on the residual alone
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,7 +352,7 @@ def test_whole_model_gradients(name, kw, router_margin):
     model = GPT(c, seed=3, dtype="float64")
     if c.router == "sigmoid_bias":
         for b in model.buffers.values():  # a nonzero selection bias, as after some training
-            b[...] = np.random.default_rng(5).standard_normal(b.shape) * 0.1
+            b[...] = asarray(np.random.default_rng(5).standard_normal(b.shape) * 0.1)
     idx, targets = _batch(c)
     errors = check_model(model, idx, targets, eps=EPS, max_entries=24)
     assert set(errors) == set(model.params)
@@ -361,7 +366,7 @@ def test_whole_model_gradients(name, kw, router_margin):
         assert all(st["dropped_fraction"] > 0 for st in layers)  # capacity drops are exercised
     if c.router == "noisy":  # eval mode: no noise, so the noise projection gets exactly no gradient
         for st in layers:
-            np.testing.assert_array_equal(model.grads[f"blocks.{st['layer']}.moe.router.w_noise"], 0.0)
+            assert_array_equal(model.grads[f"blocks.{st['layer']}.moe.router.w_noise"], 0.0)
 
 
 def test_layouts_place_moe_blocks_as_documented():
@@ -380,8 +385,8 @@ def test_k1_renormalised_router_gets_no_gradient_from_the_lm_loss():
         model.forward(*_batch(c))
         grads[renorm] = model.backward()
     for i in range(2):
-        np.testing.assert_array_equal(grads[True][f"blocks.{i}.moe.router.w"], 0.0)  # gate == 1
-        assert np.abs(grads[False][f"blocks.{i}.moe.router.w"]).max() > 1e-4  # gate == p
+        assert_array_equal(grads[True][f"blocks.{i}.moe.router.w"], 0.0)  # gate == 1
+        assert float(abs(grads[False][f"blocks.{i}.moe.router.w"]).max()) > 1e-4  # gate == p
 
 
 def test_dropped_tokens_pass_through_on_the_residual(monkeypatch):
@@ -402,7 +407,7 @@ def test_dropped_tokens_pass_through_on_the_residual(monkeypatch):
     assert len(outputs) == 2
     for y, st in outputs:
         N = y.shape[0] * y.shape[1]
-        zero_rows = int((np.abs(y.reshape(N, -1)).max(axis=1) == 0).sum())
+        zero_rows = int((np.abs(to_numpy(y).reshape(N, -1)).max(axis=1) == 0).sum())
         assert st["dropped_fraction"] > 0
         assert zero_rows == round(st["dropped_fraction"] * N)
 
@@ -422,7 +427,7 @@ def test_deepseek_bias_is_a_buffer_not_a_parameter():
     before = {k: v.copy() for k, v in model.buffers.items()}
     opt.step(grads)
     for k in bias_names:
-        np.testing.assert_array_equal(model.buffers[k], before[k])
+        assert_array_equal(model.buffers[k], before[k])
 
 
 def test_deepseek_bias_selects_experts_but_does_not_change_the_output_of_a_selection():
@@ -435,13 +440,13 @@ def test_deepseek_bias_selects_experts_but_does_not_change_the_output_of_a_selec
         b += 0.25
     _, loss1 = model.forward(idx, targets)
     for st, s0 in zip(model.stats["layers"], sel0):
-        np.testing.assert_array_equal(st["expert_idx"], s0)
+        assert_array_equal(st["expert_idx"], s0)
     assert float(loss1) == float(loss0)
     for b in model.buffers.values():  # a large bias on expert 5 puts it first for every token
         b[5] += 10.0
     model.forward(idx, targets)
     for st in model.stats["layers"]:
-        np.testing.assert_array_equal(st["expert_idx"][:, 0], 5)
+        assert_array_equal(st["expert_idx"][:, 0], 5)
 
 
 def test_update_router_biases_moves_towards_balance():
@@ -451,19 +456,19 @@ def test_update_router_biases_moves_towards_balance():
     name = "blocks.0.moe.router_bias"
     model.buffers[name][3] = 0.5  # expert 3 overloaded: every token picks it
     model.forward(idx, targets)
-    load = model.stats["layers"][0]["tokens_per_expert"].astype(float)
+    load = to_numpy(model.stats["layers"][0]["tokens_per_expert"]).astype(float)
     assert load[3] == load.max() > load.mean()
     before = model.buffers[name].copy()
     model.update_router_biases()
-    step = model.buffers[name] - before
-    np.testing.assert_allclose(step, 0.02 * np.sign(load.mean() - load), atol=1e-15)
+    step = to_numpy(model.buffers[name] - before)
+    assert_allclose(step, 0.02 * np.sign(load.mean() - load), atol=1e-15)
     assert step[3] < 0 and (step[load < load.mean()] > 0).all()
     # repeated, the nudges spread the load: expert 3's share falls and the spread narrows
     for _ in range(40):
         model.forward(idx, targets)
         model.update_router_biases()
     model.forward(idx, targets)
-    new_load = model.stats["layers"][0]["tokens_per_expert"].astype(float)
+    new_load = to_numpy(model.stats["layers"][0]["tokens_per_expert"]).astype(float)
     assert new_load[3] < load[3] and new_load.max() - new_load.min() < load.max() - load.min()
 
 
@@ -498,7 +503,10 @@ def _train_shares(aux_loss_coef, seed=0, steps=150):
         model.forward(x, y)
         opt.step(model.backward())
         shares.append(
-            [st["tokens_per_expert"] / st["tokens_per_expert"].sum() for st in model.stats["layers"]]
+            [
+                to_numpy(st["tokens_per_expert"] / st["tokens_per_expert"].sum())
+                for st in model.stats["layers"]
+            ]
         )
     return np.mean(shares[-20:], axis=0)
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import BROKEN_TOL, EPS, GRAD_TOL, tiny_model
+from conftest import BROKEN_TOL, EPS, GRAD_TOL, asarray, tiny_model, xp
 from test_layers import LAYER_CASES
 from test_ops import OP_CASES
 
@@ -38,7 +38,7 @@ def _break(bwd, position, how):
         if how == "scale":
             g *= 1.01
         else:  # flip the largest entry, so the change cannot hide in a near-zero element
-            i = np.abs(g).argmax()
+            i = int(abs(g).argmax())
             g.reshape(-1)[i] *= -1.0
         grads[position] = g
         return g if single else tuple(grads)
@@ -126,7 +126,7 @@ def cross_entropy_without_onehot(dloss, cache):
 def cross_entropy_counts_ignored(dloss, cache):
     probs, safe_t, valid, denom, shape = cache
     d = probs.copy()
-    d[np.arange(d.shape[0]), safe_t] -= 1.0
+    d[xp().arange(d.shape[0]), safe_t] -= 1.0
     return (d * (dloss / denom)).reshape(shape)
 
 
@@ -137,7 +137,7 @@ def cross_entropy_mean_over_all(dloss, cache):
 
 def embedding_fancy_index_assign(dy, cache):
     ids, (V, C) = cache
-    dw = np.zeros((V, C))
+    dw = xp().zeros((V, C))
     dw[ids.reshape(-1)] += dy.reshape(-1, C)  # buffered: repeated ids keep only one update
     return dw
 
@@ -226,7 +226,7 @@ def test_wrong_derivation_is_caught(mutation):
 def test_gelu_formulas_are_distinguishable():
     # using the tanh backward for the exact GELU is a plausible mix-up; the two derivatives
     # differ by only ~1e-3 relative, still far above what a correct backward gets (~1e-10)
-    x = np.linspace(-3.0, 3.0, 25)
+    x = asarray(np.linspace(-3.0, 3.0, 25))
     tanh_bwd = lambda dy, cache: activation.gelu_backward(dy, activation.gelu_forward(cache[0], "tanh")[1])
     errors = gradcheck.check_op(lambda x: activation.gelu_forward(x, "none"), tanh_bwd, [x], eps=EPS)
     assert errors[0] > 100 * GRAD_TOL
@@ -293,14 +293,14 @@ def test_check_model_catches_a_missing_tied_head_gradient(monkeypatch):
 
 
 def test_rel_error_scale_free():
-    a = np.array([1.0, -2.0, 3.0])
+    a = asarray([1.0, -2.0, 3.0])
     assert gradcheck.rel_error(a, a) == 0.0
-    assert gradcheck.rel_error(np.zeros(3), np.zeros(3)) == 0.0
+    assert gradcheck.rel_error(xp().zeros(3), xp().zeros(3)) == 0.0
     assert gradcheck.rel_error(a * 1e-9, a * 1e-9 * 1.01) == pytest.approx(gradcheck.rel_error(a, a * 1.01))
     assert math.isclose(gradcheck.rel_error(a, 1.01 * a), 0.03 / 3.03)
 
 
 def test_numerical_gradient_needs_float64():
-    x = np.ones(3, dtype=np.float32)
+    x = xp().ones(3, dtype=np.float32)
     with pytest.raises(ValueError, match="float64"):
         gradcheck.numerical_gradient(lambda: float(x.sum()), x)

@@ -14,13 +14,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import on_host_only
 
 from minimoe import lessons as L
 
 pytest.importorskip("nbgrader", reason="nbgrader is the optional [teach] extra; install it to run this test")
 pytest.importorskip("ipykernel", reason="ipykernel runs the submissions during autograde")
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Object of type")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Object of type"),
+    on_host_only("the lessons are NumPy-only: nbgrader grades the lesson notebooks, which run on numpy"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = ROOT / "lessons"

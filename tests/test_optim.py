@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import rand, tiny_model
+from conftest import asarray, assert_allclose, assert_array_equal, rand, tiny_model, to_numpy, xp
 
 from minimoe import AdamW, clip_grad_norm, cosine_lr
 from minimoe.optim import default_decay
@@ -17,10 +17,10 @@ from minimoe.optim import default_decay
 def reference_adamw(p0, grad_steps, lrs, b1, b2, eps, wd):
     """Loshchilov & Hutter (2019) Algorithm 2, one scalar at a time, in plain Python floats:
     p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)."""
-    p = [float(a) for a in p0.ravel()]
+    p = [float(a) for a in to_numpy(p0).ravel()]
     m, v = [0.0] * len(p), [0.0] * len(p)
     for t, (g, lr) in enumerate(zip(grad_steps, lrs), start=1):
-        for i, gi in enumerate(float(a) for a in g.ravel()):
+        for i, gi in enumerate(float(a) for a in to_numpy(g).ravel()):
             m[i] = b1 * m[i] + (1 - b1) * gi
             v[i] = b2 * v[i] + (1 - b2) * gi * gi
             m_hat, v_hat = m[i] / (1 - b1**t), v[i] / (1 - b2**t)
@@ -43,23 +43,23 @@ def test_adamw_matches_reference(rng, weight_decay):
         assert params[k] is arrays[k]
         wd = weight_decay if k == "blocks.0.attn.wqkv" else 0.0  # 1-D gains and embeddings: no decay
         expected = reference_adamw(start[k], [g[k] for g in grads], lrs, *betas, eps, wd)
-        np.testing.assert_allclose(params[k], expected, rtol=1e-12, atol=1e-15)
+        assert_allclose(params[k], expected, rtol=1e-12, atol=1e-15)
     assert opt.t == 4
 
 
 def test_adamw_first_step_is_lr_times_sign():
     # with bias correction, the first update is lr * g / (|g| + eps) ~ lr * sign(g), whatever |g| is
-    p = {"w": np.zeros((2, 3))}
+    p = {"w": xp().zeros((2, 3))}
     g = np.array([[1e-3, -5.0, 2.0], [-1e3, 0.5, -0.25]])
-    AdamW(p, lr=0.1, weight_decay=0.0).step({"w": g})
-    np.testing.assert_allclose(p["w"], -0.1 * np.sign(g), rtol=1e-4)
+    AdamW(p, lr=0.1, weight_decay=0.0).step({"w": asarray(g)})
+    assert_allclose(p["w"], -0.1 * np.sign(g), rtol=1e-4)
 
 
 def test_adamw_skips_missing_gradients_and_keeps_dtype(rng):
     params = {"a": rand(rng, 2, 2).astype(np.float32), "b": rand(rng, 2, 2).astype(np.float32)}
     b0 = params["b"].copy()
-    AdamW(params, lr=0.1).step({"a": np.ones((2, 2), dtype=np.float32)})
-    np.testing.assert_array_equal(params["b"], b0)
+    AdamW(params, lr=0.1).step({"a": xp().ones((2, 2), dtype=np.float32)})
+    assert_array_equal(params["b"], b0)
     assert params["a"].dtype == np.float32
 
 
@@ -79,7 +79,7 @@ def test_adamw_state_dict_round_trip(rng):
     g = rand(rng, 3, 3)
     opt.step({"w": g})
     twin.step({"w": g.copy()})
-    np.testing.assert_array_equal(params["w"], twin_params["w"])
+    assert_array_equal(params["w"], twin_params["w"])
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_adamw_state_dict_round_trip(rng):
 )
 def test_adamw_invalid_args(kwargs, word):
     with pytest.raises(ValueError, match=word):
-        AdamW({"w": np.zeros((2, 2))}, **kwargs)
+        AdamW({"w": xp().zeros((2, 2))}, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,18 +116,19 @@ def test_decay_rule_on_a_real_model(decay_embeddings):
     assert not opt.decay["blocks.0.ln1.w"] and opt.decay["wte"] == decay_embeddings
     # behaviour: with zero gradients Adam's part is exactly 0, so only the decay moves weights
     before = {k: v.copy() for k, v in model.params.items()}
-    opt.step({k: np.zeros_like(v) for k, v in model.params.items()})
+    opt.step({k: xp().zeros_like(v) for k, v in model.params.items()})
     for name, p in model.params.items():
         factor = 1.0 - 0.5 * 0.1 if expected_decay(name, p, decay_embeddings) else 1.0
-        np.testing.assert_allclose(p, before[name] * factor, rtol=1e-15)
+        assert_allclose(p, before[name] * factor, rtol=1e-15)
 
 
 def test_default_decay_and_custom_rule():
-    assert default_decay("blocks.0.moe.experts.w1", np.zeros((2, 3, 4)))  # 3-D expert stacks decay
-    assert not default_decay("blocks.0.attn.bo", np.zeros(3))
-    assert not default_decay("wpe", np.zeros((4, 3)))
-    assert default_decay("wpe", np.zeros((4, 3)), decay_embeddings=True)
-    opt = AdamW({"a": np.zeros((2, 2)), "b": np.zeros(2)}, decay=lambda n, p: n == "b")
+    zeros = xp().zeros
+    assert default_decay("blocks.0.moe.experts.w1", zeros((2, 3, 4)))  # 3-D expert stacks decay
+    assert not default_decay("blocks.0.attn.bo", zeros(3))
+    assert not default_decay("wpe", zeros((4, 3)))
+    assert default_decay("wpe", zeros((4, 3)), decay_embeddings=True)
+    opt = AdamW({"a": zeros((2, 2)), "b": zeros(2)}, decay=lambda n, p: n == "b")
     assert opt.decay == {"a": False, "b": True}
 
 
@@ -148,9 +149,9 @@ def test_clip_grad_norm_clips_to_max_norm(rng):
     total = clip_grad_norm(grads, 1.0)
     assert float(total) == pytest.approx(pre, rel=1e-12)  # returns the norm BEFORE clipping
     assert _norm(grads) == pytest.approx(1.0, rel=1e-5)
-    ratio = before["a"] / grads["a"]
-    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-12)  # one common factor: direction kept
-    np.testing.assert_allclose(before["b"] / grads["b"], ratio.flat[0], rtol=1e-12)
+    ratio = to_numpy(before["a"] / grads["a"])
+    assert_allclose(ratio, ratio.flat[0], rtol=1e-12)  # one common factor: direction kept
+    assert_allclose(before["b"] / grads["b"], ratio.flat[0], rtol=1e-12)
 
 
 def test_clip_grad_norm_leaves_small_gradients_unchanged(rng):
@@ -162,14 +163,14 @@ def test_clip_grad_norm_leaves_small_gradients_unchanged(rng):
     total = clip_grad_norm(grads, 1.0)
     assert float(total) == pytest.approx(_norm(before), rel=1e-6)
     for k in grads:
-        np.testing.assert_array_equal(grads[k], before[k])
+        assert_array_equal(grads[k], before[k])
         assert grads[k].dtype == np.float32
 
 
 @pytest.mark.parametrize("max_norm", [0.0, -1.0])
 def test_clip_grad_norm_invalid(max_norm):
     with pytest.raises(ValueError, match="max_norm"):
-        clip_grad_norm({"a": np.ones(2)}, max_norm)
+        clip_grad_norm({"a": xp().ones(2)}, max_norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def test_cosine_lr_shape():
     max_lr, min_lr, warmup, total = 1.0, 0.1, 10, 100
     lrs = [cosine_lr(s, max_lr, warmup, total, min_lr) for s in range(130)]
     # warmup: linear from max_lr/warmup, reaching the peak at the last warmup step
-    np.testing.assert_allclose(lrs[:warmup], np.arange(1, warmup + 1) / warmup, rtol=1e-15)
+    assert_allclose(lrs[:warmup], np.arange(1, warmup + 1) / warmup, rtol=1e-15)
     assert lrs[warmup - 1] == max_lr == max(lrs)
     assert lrs[warmup] == pytest.approx(max_lr, rel=1e-15)
     # decay: strictly decreasing half cosine, halfway at the midpoint, min_lr at the end and after
@@ -216,7 +217,7 @@ def test_cosine_lr_invalid_args(args, word):
 
 def test_adamw_rejects_non_positive_eps():
     with pytest.raises(ValueError, match="eps"):
-        AdamW({"w": np.ones((2, 2))}, eps=0.0)
+        AdamW({"w": xp().ones((2, 2))}, eps=0.0)
 
 
 def test_clip_grad_norm_rejects_empty_grads():

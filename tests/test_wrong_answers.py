@@ -17,9 +17,14 @@ from pathlib import Path
 os.environ.setdefault("MPLBACKEND", "Agg")  # before anything imports matplotlib
 
 import pytest  # noqa: E402
+from conftest import on_host_only  # noqa: E402
 from wrong_answers import WRONG_ANSWERS  # noqa: E402
 
 from minimoe.lessons.checks import CheckFailed  # noqa: E402
+
+pytestmark = on_host_only(
+    "the lessons are NumPy-only: their solution cells run in this process, numpy code on the package's arrays"
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = ROOT / "lessons"

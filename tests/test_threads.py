@@ -4,6 +4,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import on_host_only
 
 from minimoe import threads
 from minimoe.ops import experts, parallel
@@ -27,6 +28,9 @@ def no_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+@on_host_only(
+    "the thread plan puts experts side by side on the numpy backend only; on CuPy they run on the GPU"
+)
 def test_the_size_rule_puts_small_experts_side_by_side_and_large_products_on_blas():
     mixtral, dense = get_preset("mixtral"), get_preset("dense")
     assert threads.matmul_flops(mixtral, LAPTOP) == 2 * 192 * 128 * 256  # one expert's share of rows
@@ -76,6 +80,9 @@ def test_busy_cores_and_cpu_cores_describe_this_machine():
     assert 0.0 <= busy <= cores + 1e-9
 
 
+@on_host_only(
+    "the thread plan puts experts side by side on the numpy backend only; on CuPy they run on the GPU"
+)
 def test_apply_sets_blas_and_the_expert_workers():
     choice = threads.apply(2, get_preset("mixtral"), LAPTOP)
     assert (choice.blas, choice.workers, parallel.workers()) == (1, 2, 2)

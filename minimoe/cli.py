@@ -13,43 +13,32 @@ A user mistake (a minimoe.errors.UserError, or an OSError on a file) ends the co
 status 2 and one line on stderr starting "error: "; anything else is a bug and keeps its
 traceback. Ctrl-C ends it with status 130, SIGTERM with 143 (training first saves a checkpoint);
 a training run that diverged ends with status 3 (docs/guarantees.md). The parsers only convert
-types; minimoe.options judges the values.
+types; minimoe.commands judges the values (with minimoe.options) and does the work.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
-from pathlib import Path
 
-from minimoe import analysis, backend, bench, chat, dist, hf, info, threads
-from minimoe.checkpoint import load_checkpoint, load_model
-from minimoe.errors import UserError
-from minimoe.options import (
-    DEFAULTS,
-    DEVICES,
-    FIELDS,
-    PARALLEL,
-    TOKENIZERS,
-    TrainOptions,
-    check_int,
-    check_number,
+from minimoe import backend, chat, dist, info
+from minimoe.commands import (
+    CliError,
+    cmd_bench,
+    cmd_chat,
+    cmd_info,
+    cmd_routes,
+    cmd_sample,
+    cmd_train,
 )
-from minimoe.presets import PRESETS, get_preset, toy_presets
-from minimoe.sample import StreamDecoder, default_prompt_ids, generate
-from minimoe.train import train
+from minimoe.errors import UserError
+from minimoe.options import DEFAULTS, DEVICES, PARALLEL, TOKENIZERS
+from minimoe.presets import PRESETS, toy_presets
 
 EXIT_USAGE = 2
-EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM ends training with 128 + 15 = 143
 THREADS_HELP = "CPU threads to compute with (default: chosen from the model size and the free cores)"
-
-
-class CliError(UserError):
-    """A user error found by the command line itself (bad flag, missing file, ...)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -215,132 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------- commands
-def cmd_train(args) -> int:
-    summary = train(TrainOptions(**{k: getattr(args, k) for k in FIELDS}))
-    if summary["diverged"]:
-        return EXIT_DIVERGED
-    if summary["interrupted"]:
-        return 128 + int(summary["signal"] or signal.SIGINT)
-    return 0
-
-
-def _set_device(name):
-    backend.set_backend("cupy" if name == "gpu" else "numpy")
-
-
-def _encode(tokenizer, text: str, what: str) -> list:
-    try:
-        return list(tokenizer.encode(text))
-    except ValueError as e:  # the tokenizer's own sentence: a character it has never seen
-        raise CliError(f"{what} cannot be encoded: {e}") from None
-
-
-def cmd_sample(args) -> int:
-    check_int("max_new_tokens", args.max_new_tokens, lo=0)
-    check_number("temperature", args.temperature, lo=0.0)
-    if args.top_k is not None:
-        check_int("top_k", args.top_k, lo=1)
-    if args.seed is not None:
-        check_int("seed", args.seed, lo=0)
-    if args.threads is not None:
-        check_int("threads", args.threads, lo=1)
-    _set_device(args.device)
-    if args.hf:
-        if not (Path(args.hf) / "config.json").is_file():
-            raise CliError(
-                f"--hf {args.hf!r} is not a local model folder with a config.json (nothing is downloaded)"
-            )
-        model, tokenizer = hf.load_pretrained(args.hf)
-        if tokenizer is None:
-            raise CliError(
-                f"{args.hf!r} gives no tokenizer (it needs a tokenizer.json and the `tokenizers` package: "
-                "pip install tokenizers), so text cannot be encoded for --hf"
-            )
-    else:
-        model, tokenizer, _ = load_model(args.ckpt or "out")
-    ids = _encode(tokenizer, args.prompt, "--prompt") if args.prompt else default_prompt_ids(tokenizer)
-    threads.apply(args.threads, model.config, tokens=1)  # generation feeds one token at a time
-    out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    dec = StreamDecoder(tokenizer)
-
-    def on_token(i):
-        piece = dec.push(i)
-        if piece:
-            out.write(piece)
-            out.flush()
-
-    generate(
-        model,
-        ids,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.seed,
-        use_cache=not args.no_cache,
-        on_token=on_token,
-    )
-    out.write(dec.flush() + "\n")
-    out.flush()
-    return 0
-
-
-def cmd_info(args) -> int:
-    if args.preset is not None:
-        if args.preset not in PRESETS:
-            raise CliError(f"unknown preset {args.preset!r}; valid presets are {', '.join(PRESETS)}")
-        d = info.info_dict(get_preset(args.preset))
-    else:
-        ckpt = load_checkpoint(args.ckpt)
-        d = info.info_dict(ckpt.config, info.training_summary(ckpt))
-    text = info.format_info(d, from_preset=args.preset is not None)
-    if args.expert_parallel is not None:
-        config = info.Config.from_dict(d["config"])
-        tokens = config.block_size if args.tokens is None else args.tokens
-        check_int("tokens", tokens, lo=1)
-        check_int("bytes", args.bytes, lo=1)
-        check_int("devices_per_node", args.devices_per_node, lo=1)
-        for name in ("tflops", "node_gbs", "network_gbs"):
-            check_number(name, getattr(args, name), strict=True)
-        hw = info.Hardware(args.tflops, args.node_gbs, args.network_gbs, args.devices_per_node)
-        d["expert_parallel"] = info.expert_parallel_cost(config, args.expert_parallel, tokens, args.bytes, hw)
-        text += "\n" + info.format_cost(d["expert_parallel"])
-    print(json.dumps(d, indent=2) if args.json else text)
-    return 0
-
-
-def cmd_routes(args) -> int:
-    check_int("max_rows", args.max_rows, lo=1)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (optional: only the heat map needs it)
-        except ImportError:
-            raise CliError(
-                "--plot needs matplotlib, which is not installed (pip install matplotlib)"
-            ) from None
-    _set_device(args.device)
-    model, tokenizer, _ = load_model(args.ckpt)
-    if not args.text:
-        raise CliError("--text is empty; give some text to route")
-    if model.config.n_experts == 0:
-        raise CliError(f"the model in {args.ckpt!r} is dense (n_experts = 0): it has no routing to show")
-    ids = _encode(tokenizer, args.text, "--text")
-    routes = analysis.route_tokens(model, ids)
-    tokens = [tokenizer.decode([i]) for i in ids]
-    E = model.config.n_experts
-    print(
-        f"{len(ids)} tokens, {len(routes)} MoE layers, {E} experts, top-{model.config.top_k}; "
-        "cells: chosen experts, first choice first"
-    )
-    print(analysis.routing_table(tokens, routes, max_rows=args.max_rows))
-    print(analysis.routing_summary(routes, E))
-    if args.plot:
-        analysis.plot_routes(tokens, routes, E, args.plot)
-        print(f"heat map saved to {args.plot}")
-    return 0
-
-
 def _add_chat_parser(sub):
     p = sub.add_parser("chat", help="talk to a fine-tuned model", description=chat.HELP)
     p.add_argument("--ckpt", default="out", metavar="PATH", help="run directory or ckpt.npz (default out)")
@@ -351,24 +214,6 @@ def _add_chat_parser(sub):
     p.add_argument("--no-cache", action="store_true", help="recompute the context for every token (slow)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.set_defaults(func=cmd_chat)
-
-
-def cmd_chat(args) -> int:
-    check_number("temperature", args.temperature, lo=0.0)
-    check_int("max_new_tokens", args.max_new_tokens, lo=1)
-    if args.top_k is not None:
-        check_int("top_k", args.top_k, lo=1)
-    if args.seed is not None:
-        check_int("seed", args.seed, lo=0)
-    _set_device(args.device)
-    model, tokenizer, _ = load_model(args.ckpt)
-    return chat.run_chat(model, tokenizer, temperature=args.temperature, top_k=args.top_k,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache)  # fmt: skip
-
-
-def cmd_bench(argv) -> int:
-    rc = bench.main(argv)
-    return 0 if rc is None else int(rc)
 
 
 # ----------------------------------------------------------------------------------------- main

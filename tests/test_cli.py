@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import on_host_only
 
-from minimoe import GPT, Config, checkpoint, cli, data
+from minimoe import GPT, Config, checkpoint, cli, commands, data
 from minimoe import train as train_module
 from minimoe.errors import CheckpointError, DataError, OptionError, UserError
 from minimoe.tokenizer import CharTokenizer
@@ -268,7 +268,7 @@ def test_gpu_without_a_gpu(capsys):
 
 def test_bench_dispatch(monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(cli.bench, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(commands.bench, "main", lambda argv: seen.append(argv) or 0)
     assert cli.main(["bench", "--what", "ops"]) == 0
     assert seen == [["--what", "ops"]]
 
@@ -279,7 +279,7 @@ def test_sample_from_hf_folder(monkeypatch, capsys, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     calls = []
     fake = types.SimpleNamespace(load_pretrained=lambda path: calls.append(path) or (model, tok))
-    monkeypatch.setattr(cli, "hf", fake)
+    monkeypatch.setattr(commands, "hf", fake)
     rc, out, err = run_cli(
         capsys, "sample", "--hf", tmp_path, "--prompt", "ab", "--max-new-tokens", 6, "--seed", 0
     )

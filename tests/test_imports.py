@@ -6,7 +6,7 @@ Layers, lowest first (a module may import from its own layer or a lower one):
     3  layers.*                                          the pieces of a block, built from ops
     4  model                                             the GPT, built from layers
     5  everything that uses a model (train, sample, checkpoint, data, hf, bench, ...)
-    6  cli, __main__, lessons.*                          the user's entry points
+    6  cli, commands, __main__, lessons.*                        the user's entry points
 `minimoe/__init__.py` is the public facade and may import anything; nothing may import it back
 (``from minimoe import x`` counts as importing the submodule x, not the facade).
 Every import counts, module-level or inside a function: a function-level import is still an
@@ -26,7 +26,7 @@ LAYERS = [
     ("layers",),
     ("model",),
     None,  # layer 5: every module not named elsewhere
-    ("cli", "__main__", "lessons"),
+    ("cli", "commands", "__main__", "lessons"),
 ]
 
 

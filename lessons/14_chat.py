@@ -27,6 +27,7 @@
 import tempfile
 import time
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 import minimoe
@@ -307,9 +308,11 @@ STEPS = 300
 opt = AdamW(model.params, lr=3e-3, weight_decay=0.1)
 rng = np.random.default_rng(0)
 t0 = time.time()
+losses = []  # the masked loss of every step, for the figure below
 for step in range(STEPS):
     x, y = chat_batch(rng)
     _, loss = model.forward(x, y)
+    losses.append(float(model.stats["lm_loss"]))
     model.backward()
     clip_grad_norm(model.grads, 1.0)
     opt.step(model.grads, lr=cosine_lr(step, 3e-3, 30, STEPS))
@@ -317,6 +320,29 @@ for step in range(STEPS):
         print(f"step {step:3d}: masked loss {float(model.stats['lm_loss']):.3f}")
 print(f"{STEPS} steps in {time.time() - t0:.0f} s")
 after = measure(model)
+
+# %% [markdown]
+# The masked loss over the fine-tuning steps (left), and what it bought on the held-out requests
+# (right): the share of replies the model ends itself with `<|end|>`, and of exact answers.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+axes[0].plot(losses, lw=1, label="masked training loss")
+axes[0].axhline(before["masked val loss"], ls="--", c="gray", lw=1, label="validation, before")
+axes[0].axhline(after["masked val loss"], ls="--", c="C1", lw=1, label="validation, after")
+axes[0].set_xlabel("fine-tuning step")
+axes[0].set_ylabel("loss on the assistant's tokens (nats)")
+axes[0].legend()
+keys = ["ends its reply", "exact: copy", "exact: reverse", "exact: arith"]
+xs = np.arange(len(keys))
+axes[1].bar(xs - 0.2, [before[k] for k in keys], 0.4, label="before")
+axes[1].bar(xs + 0.2, [after[k] for k in keys], 0.4, label="after")
+axes[1].set_xticks(xs, keys)
+axes[1].set_ylim(0, 1)
+axes[1].set_ylabel("fraction of held-out requests")
+axes[1].legend()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 6. Talking to it

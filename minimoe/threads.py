@@ -54,9 +54,11 @@ from minimoe import backend, dist
 from minimoe.config import Config
 from minimoe.ops import parallel
 
-# A product smaller than this gains nothing from a second BLAS thread on the machine it was
-# measured on (docs/speed.md): the laptop-size expert (192 x 128 x 256, 12.6 MFLOP) is small,
-# the laptop dense MLP (768 x 128 x 512, 100 MFLOP) is not.
+# Below this, an MoE runs its experts side by side rather than giving BLAS the threads: the
+# laptop-size expert (192 x 128 x 256, 12.6 MFLOP) is small, the laptop dense MLP (768 x 128 x
+# 512, 100 MFLOP) is not. On two FREE cores BLAS is the faster of the two even here (1.3x over
+# one thread against 1.1x, docs/speed.md), but the choice is made once, and a neighbour that
+# arrives later costs BLAS's spinning threads 2.5-4x of the step, the experts a share of a core.
 SMALL_MATMUL_FLOPS = 50e6
 # Below this a product is over in microseconds (generation's single token, the lessons' toy
 # models): handing work to another thread would cost more than the work itself.

@@ -15,10 +15,11 @@ import math
 import numpy as np
 import pytest
 from conftest import BROKEN_TOL, EPS, GRAD_TOL, array_equal, asarray, assert_allclose, rand, to_numpy, xp
+from test_moe import moe_layer_gradcheck
 
 from minimoe import GPT, Config, backend, count_params, get_preset
 from minimoe.errors import ConfigError
-from minimoe.gradcheck import check_gradients, check_model, check_op, rel_error
+from minimoe.gradcheck import check_model, check_op, rel_error
 from minimoe.layers import attention, moe
 from minimoe.ops import activation, experts, ffn, gate, router
 from minimoe.ops.attention import rope_tables
@@ -320,36 +321,6 @@ LAYER = dict(flavour="llama", n_layer=1, n_embd=6, n_head=1, vocab_size=5, block
              top_k=2, expert_hidden=3, init_std=0.5, aux_loss_coef=0.3, z_loss_coef=0.2)  # fmt: skip
 
 
-def _layer_check(c, seed, training=False):
-    """Check d/d(h and every parameter) of L = sum(y * dy) + aux_coef * aux + z_coef * z."""
-    rng = np.random.default_rng(seed)
-    pre = "moe."
-    p = moe.init_params(c, pre, rng, c.init_std, c.init_std / math.sqrt(2))
-    for name in p:
-        if name.endswith(("router.b", "shared_gate.w")):  # nonzero, so their gradients are tested
-            p[name] = rng.standard_normal(p[name].shape) * 0.5
-    p = {k: asarray(v) for k, v in p.items()}
-    buffers = (
-        {pre + "router_bias": asarray(rng.standard_normal(c.n_experts) * 0.05)}
-        if c.router == "sigmoid_bias"
-        else {}
-    )
-    h, dy = asarray(rng.standard_normal((2, 4, c.n_embd))), asarray(rng.standard_normal((2, 4, c.n_embd)))
-
-    def run():  # a fresh, identically seeded rng each call: the same jitter every time
-        return moe.moe_forward(c, h, p, buffers, pre, backend.make_rng(7), training)
-
-    def loss():
-        y, _, st = run()
-        return float((y * dy).sum() + c.aux_loss_coef * st["aux_loss"] + c.z_loss_coef * st["z_loss"])
-
-    y, cache, stats = run()
-    grads = {}
-    grads["h"] = moe.moe_backward(c, dy, cache, pre, grads)
-    assert set(grads) == set(p) | {"h"}
-    return check_gradients(loss, {"h": h, **p}, grads, eps=EPS), cache, stats
-
-
 MOE_VARIANTS = {
     "switch-bias-relu-capacity": dict(top_k=1, renormalize=False, router_logit_bias=True, activation="relu",
                                       capacity_factor=1.0),
@@ -371,7 +342,9 @@ SEEDS = {"deepseek-v3-router": 10, "deepseek-v3-mla": 6}
 def test_moe_layer_variant_gradients(name, margins):
     c = Config(**{**LAYER, **MOE_VARIANTS[name]})
     training = c.router_jitter > 0 or c.router == "noisy"
-    errors, cache, stats = _layer_check(c, seed=SEEDS.get(name, 3), training=training)
+    errors, _, cache, stats = moe_layer_gradcheck(
+        c, SEEDS.get(name, 3), training, bias="random", perturb=("router.b", "shared_gate.w")
+    )
     assert max(errors.values()) <= GRAD_TOL, errors
     assert min(margins) > MARGIN
     assert (cache.jitter is not None) == (c.router_jitter > 0)

@@ -558,18 +558,26 @@ def _compare(torch, transformers, case):
     (max rel error of logits, of the loss, of the worst gradient, that gradient's name)."""
     cfg, _ = CASES[case]
     ref = _hf_model(torch, transformers, cfg)
+    forward_kw = {"output_router_logits": False} if "mixtral" in case else {}
+    return compare_with_transformers(torch, ref, cfg, case, forward_kw)
+
+
+def compare_with_transformers(torch, ref, cfg, case, forward_kw=None, to_hf_kw=None):
+    """Import the transformers model `ref` (config.json dict cfg) in float64, run both on the same
+    tokens, backpropagate the LM loss in both: (max rel error of logits, of the loss, of the worst
+    gradient, that gradient's name). Also used by test_hf_families.py."""
     ours = hf.from_hf(ref.state_dict(), cfg, dtype="float64")  # torch tensors are accepted
     ours.config.aux_loss_coef = 0.0  # LM loss only on both sides (output_router_logits=False)
     V = cfg["vocab_size"]
     tokens = np.random.default_rng(1).integers(0, V, (3, 13))
     idx, targets = tokens[:, :-1], tokens[:, 1:]
 
-    out = ref(torch.tensor(idx), output_router_logits=False) if "mixtral" in case else ref(torch.tensor(idx))
+    out = ref(torch.tensor(idx), **(forward_kw or {}))
     ref_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), torch.tensor(targets).reshape(-1))
     ref_loss.backward()
     logits, loss = ours.forward(idx, targets)
     ours.backward()
-    grads = hf.to_hf(ours, grads=True, layout="fused")
+    grads = hf.to_hf(ours, grads=True, layout="fused", **(to_hf_kw or {}))
     ref_grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}  # a tied head appears once
     assert sorted(grads) == sorted(ref_grads)
     errs = {n: rel_error(grads[n], ref_grads[n]) for n in ref_grads}

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 from conftest import array_equal, asarray
+from test_hf import compare_with_transformers
 
 from minimoe import GPT, Config, hf
 from minimoe.errors import ConfigError
@@ -477,25 +478,8 @@ def _compare(torch, transformers, case):
     (max rel error of logits, of the loss, of the worst gradient, that gradient's name)."""
     cfg = CASES[case]
     ref = _hf_model(torch, transformers, cfg)
-    ours = hf.from_hf(ref.state_dict(), cfg, dtype="float64")  # transformers >= 5 names, torch tensors
-    ours.config.aux_loss_coef = 0.0  # LM loss only on both sides (output_router_logits=False)
-    V = cfg["vocab_size"]
-    tokens = np.random.default_rng(1).integers(0, V, (3, 13))
-    idx, targets = tokens[:, :-1], tokens[:, 1:]
-    out = ref(torch.tensor(idx), output_router_logits=False)
-    ref_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), torch.tensor(targets).reshape(-1))
-    ref_loss.backward()
-    logits, loss = ours.forward(idx, targets)
-    ours.backward()
-    grads = hf.to_hf(ours, grads=True, layout="fused", rope_interleave=cfg.get("rope_interleave", True))
-    ref_grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}  # a tied head appears once
-    assert sorted(grads) == sorted(ref_grads)
-    errs = {n: rel_error(grads[n], ref_grads[n]) for n in ref_grads}
-    e_logits = rel_error(logits, out.logits.detach().numpy())
-    e_loss = abs(float(loss) - ref_loss.item()) / ref_loss.item()
-    worst = max(errs, key=errs.get)
-    print(f"\n{case}: logits {e_logits:.1e}  loss {e_loss:.1e}  grads {errs[worst]:.1e} ({worst})")
-    return e_logits, e_loss, errs[worst], worst
+    to_hf_kw = {"rope_interleave": cfg.get("rope_interleave", True)}
+    return compare_with_transformers(torch, ref, cfg, case, {"output_router_logits": False}, to_hf_kw)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -200,14 +200,23 @@ def _layer_config(**kw):
     return Config(**{**base, **kw})
 
 
-def _layer_gradcheck(c, seed, training=False, bias=None):
-    """Check d/d(h and every parameter) of L = sum(y * dy) + aux_coef * aux + z_coef * z."""
+def moe_layer_gradcheck(c, seed, training=False, bias=None, perturb=("router.w_noise",)):
+    """Check d/d(h and every parameter) of L = sum(y * dy) + aux_coef * aux + z_coef * z for one
+    MoE layer built from Config c; returns (errors, grads, cache, stats). Also used by
+    test_families.py.
+
+    perturb: parameters (by name ending) drawn at random instead of their initial value, so that
+    a parameter initialised to zero still has its gradient tested; bias: the sigmoid router's
+    selection bias (E,), or "random" to draw one."""
     rng = np.random.default_rng(seed)
     pre = "moe."
     p = moe.init_params(c, pre, rng, c.init_std, c.init_std / math.sqrt(2))
-    if c.router == "noisy":
-        p[pre + "router.w_noise"] = rng.standard_normal(p[pre + "router.w_noise"].shape) * 0.5
+    for name in p:
+        if name.endswith(perturb):
+            p[name] = rng.standard_normal(p[name].shape) * 0.5
     p = {k: asarray(v) for k, v in p.items()}
+    if isinstance(bias, str) and bias == "random":
+        bias = rng.standard_normal(c.n_experts) * 0.05 if c.router == "sigmoid_bias" else None
     buffers = {pre + "router_bias": asarray(bias)} if bias is not None else {}
     h, dy = asarray(rng.standard_normal((2, 4, c.n_embd))), asarray(rng.standard_normal((2, 4, c.n_embd)))
 
@@ -222,7 +231,7 @@ def _layer_gradcheck(c, seed, training=False, bias=None):
     grads = {}
     grads["h"] = moe.moe_backward(c, dy, cache, pre, grads)
     assert set(grads) == set(p) | {"h"}
-    return check_gradients(loss, {"h": h, **p}, grads, eps=EPS), grads, stats
+    return check_gradients(loss, {"h": h, **p}, grads, eps=EPS), grads, cache, stats
 
 
 @pytest.mark.parametrize(
@@ -239,7 +248,7 @@ def _layer_gradcheck(c, seed, training=False, bias=None):
 def test_moe_layer_gradients(kw, router_margin):
     c = _layer_config(**kw)
     bias = np.array([0.1, -0.2, 0.05, 0.3, -0.1]) if c.router == "sigmoid_bias" else None
-    errors, _, stats = _layer_gradcheck(c, seed=11, bias=bias)
+    errors, _, _, stats = moe_layer_gradcheck(c, seed=11, bias=bias)
     assert max(errors.values()) <= TOL, errors
     assert min(router_margin) > MARGIN
     if c.capacity_factor:
@@ -248,7 +257,7 @@ def test_moe_layer_gradients(kw, router_margin):
 
 def test_moe_layer_gradients_noisy_router_in_training(router_margin):
     c = _layer_config(router="noisy", n_shared_experts=1)
-    errors, grads, _ = _layer_gradcheck(c, seed=12, training=True)
+    errors, grads, _, _ = moe_layer_gradcheck(c, seed=12, training=True)
     assert max(errors.values()) <= TOL, errors
     assert min(router_margin) > MARGIN
     assert float(abs(grads["moe.router.w_noise"]).max()) > 1e-3  # the noise scale is being learned
@@ -260,7 +269,7 @@ def test_noisy_router_honours_renormalize_false(training, router_margin):
     # the (noisy) logits, so with K < E they sum to less than 1; their gradient is a different
     # function from the renormalised one, and must pass the check too
     c = _layer_config(router="noisy", renormalize=False, n_shared_experts=1)
-    errors, grads, stats = _layer_gradcheck(c, seed=13, training=training)
+    errors, grads, _, stats = moe_layer_gradcheck(c, seed=13, training=training)
     assert max(errors.values()) <= TOL, errors
     assert min(router_margin) > MARGIN
     assert float(stats["gates"].sum(axis=-1).max()) < 1.0 - 1e-3

@@ -148,6 +148,17 @@ def rng():
 
 
 @pytest.fixture
+def tf_raw():
+    """(torch, transformers) as installed, or skip: the comparisons with PyTorch and Hugging Face
+    transformers (the `compare` extra) in test_hf.py and test_hf_families.py."""
+    torch = pytest.importorskip("torch", reason="parity tests compare against PyTorch (the compare extra)")
+    transformers = pytest.importorskip(
+        "transformers", reason="parity tests need transformers (compare extra)"
+    )
+    return torch, transformers
+
+
+@pytest.fixture
 def restore_backend():
     """Put the backend and default dtype back as they were after a test that changes them."""
     name, dtype = backend.get_backend(), backend.get_default_dtype()

@@ -469,16 +469,6 @@ def test_load_pretrained_wraps_tokenizer_json(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tf_raw():
-    """(torch, transformers) as installed, or skip."""
-    torch = pytest.importorskip("torch", reason="parity tests compare against PyTorch (the compare extra)")
-    transformers = pytest.importorskip(
-        "transformers", reason="parity tests need transformers (compare extra)"
-    )
-    return torch, transformers
-
-
-@pytest.fixture
 def tf(tf_raw, monkeypatch):
     """(torch, transformers), with Mixtral's deliberate float32 steps removed for float64 runs.
 

@@ -371,16 +371,6 @@ MODULES = {"olmoe": "olmoe", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
 
 
 @pytest.fixture
-def tf_raw():
-    """(torch, transformers) as installed, or skip."""
-    torch = pytest.importorskip("torch", reason="parity tests compare against PyTorch (the compare extra)")
-    transformers = pytest.importorskip(
-        "transformers", reason="parity tests need transformers (compare extra)"
-    )
-    return torch, transformers
-
-
-@pytest.fixture
 def tf(tf_raw, monkeypatch):
     """(torch, transformers), with each family's deliberate float32 steps removed for float64 runs.
 

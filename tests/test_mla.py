@@ -512,11 +512,8 @@ def _parity(torch, transformers, q_lora_rank, rope_interleave, patched):
 
 
 @pytest.fixture
-def tf(monkeypatch):
-    torch = pytest.importorskip("torch", reason="parity tests compare against PyTorch (the compare extra)")
-    transformers = pytest.importorskip(
-        "transformers", reason="parity tests need transformers (compare extra)"
-    )
+def tf(tf_raw):
+    torch, transformers = tf_raw
     if not hasattr(transformers, "DeepseekV3Config"):
         pytest.skip("this transformers has no DeepSeek-V3")
     return torch, transformers

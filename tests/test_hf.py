@@ -468,6 +468,51 @@ def test_load_pretrained_wraps_tokenizer_json(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+def patch_float32_steps(torch, monkeypatch, modules, router_forward=None):
+    """Replace transformers' deliberate float32 steps by the same formulas in the input's dtype,
+    in the modeling modules named (e.g. ["mixtral"]): every *RMSNorm, *RotaryEmbedding and
+    *TopKRouter class's forward. router_forward(module_name, class_name) may return another
+    router forward (Granite's, DeepSeek-V3's); the default is softmax over all E, top-k, and
+    renormalised when the router says so (Mixtral always does). Also used by test_hf_families.py.
+    """
+    import importlib
+
+    F = torch.nn.functional
+
+    def rmsnorm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        D = 2 * self.inv_freq.shape[0]
+        inv_freq = 1.0 / self.config.rope_parameters["rope_theta"] ** (torch.arange(0, D, 2).double() / D)
+        freqs = position_ids[..., None].double() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    def softmax_router(self, h):
+        logits = F.linear(h.reshape(-1, self.hidden_dim), self.weight)
+        top, idx = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
+        if getattr(self, "norm_topk_prob", True):
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top, idx
+
+    for name in modules:
+        mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        for attr in dir(mod):
+            cls = getattr(mod, attr)
+            if not isinstance(cls, type) or not cls.__module__ == mod.__name__:
+                continue
+            other = router_forward(name, attr) if router_forward is not None else None
+            if other is not None:
+                monkeypatch.setattr(cls, "forward", other)
+            elif attr.endswith("RMSNorm"):
+                monkeypatch.setattr(cls, "forward", rmsnorm)
+            elif attr.endswith("RotaryEmbedding"):
+                monkeypatch.setattr(cls, "forward", rotary)
+            elif attr.endswith("TopKRouter"):
+                monkeypatch.setattr(cls, "forward", softmax_router)
+
+
 @pytest.fixture
 def tf(tf_raw, monkeypatch):
     """(torch, transformers), with Mixtral's deliberate float32 steps removed for float64 runs.
@@ -483,26 +528,7 @@ def tf(tf_raw, monkeypatch):
 
     if not hasattr(mm, "MixtralTopKRouter"):
         pytest.skip("the float64 patches target transformers >= 5 (MixtralTopKRouter)")
-    F = torch.nn.functional
-
-    def rmsnorm(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    def rotary(self, x, position_ids):
-        D = 2 * self.inv_freq.shape[0]
-        inv_freq = 1.0 / self.config.rope_parameters["rope_theta"] ** (torch.arange(0, D, 2).double() / D)
-        freqs = position_ids[..., None].double() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-    def router(self, h):
-        logits = F.linear(h.reshape(-1, self.hidden_dim), self.weight)
-        top, idx = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
-        return logits, top / top.sum(dim=-1, keepdim=True), idx
-
-    monkeypatch.setattr(mm.MixtralRMSNorm, "forward", rmsnorm)
-    monkeypatch.setattr(mm.MixtralRotaryEmbedding, "forward", rotary)
-    monkeypatch.setattr(mm.MixtralTopKRouter, "forward", router)
+    patch_float32_steps(torch, monkeypatch, ["mixtral"])
     return tf_raw
 
 

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 from conftest import array_equal, asarray
-from test_hf import compare_with_transformers
+from test_hf import compare_with_transformers, patch_float32_steps
 
 from minimoe import GPT, Config, hf
 from minimoe.errors import ConfigError
@@ -382,26 +382,7 @@ def tf(tf_raw, monkeypatch):
     transformers' own code.
     """
     torch, transformers = tf_raw
-    import importlib
-
     F = torch.nn.functional
-
-    def rmsnorm(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    def rotary(self, x, position_ids):
-        D = 2 * self.inv_freq.shape[0]
-        inv_freq = 1.0 / self.config.rope_parameters["rope_theta"] ** (torch.arange(0, D, 2).double() / D)
-        freqs = position_ids[..., None].double() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-    def softmax_router(self, h):  # OLMoE, Qwen2-MoE, Qwen3-MoE: softmax over all E, top-k, maybe renormalised
-        logits = F.linear(h.reshape(-1, self.hidden_dim), self.weight)
-        top, idx = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top = top / top.sum(dim=-1, keepdim=True)
-        return logits, top, idx
 
     def deepseek_router(self, h):  # DeepSeek-V3's code with its float32 casts removed
         logits = F.linear(h.view(-1, self.hidden_dim), self.weight.to(h.dtype))
@@ -422,22 +403,14 @@ def tf(tf_raw, monkeypatch):
         top, idx = logits.topk(self.top_k, dim=-1)
         return logits, F.softmax(top, dim=-1), idx
 
-    for name in sorted(set(MODULES.values())):
-        mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
-        for attr in dir(mod):
-            cls = getattr(mod, attr)
-            if not isinstance(cls, type) or not cls.__module__ == mod.__name__:
-                continue
-            if attr.endswith("RMSNorm"):
-                monkeypatch.setattr(cls, "forward", rmsnorm)
-            elif attr.endswith("RotaryEmbedding"):
-                monkeypatch.setattr(cls, "forward", rotary)
-            elif attr.endswith("TopKRouter"):
-                monkeypatch.setattr(
-                    cls, "forward", granite_router if name.startswith("granite") else softmax_router
-                )
-            elif attr == "DeepseekV3TopkRouter":
-                monkeypatch.setattr(cls, "forward", deepseek_router)
+    def router_forward(module, cls):
+        if cls == "DeepseekV3TopkRouter":
+            return deepseek_router
+        if module.startswith("granite") and cls.endswith("TopKRouter"):
+            return granite_router
+        return None
+
+    patch_float32_steps(torch, monkeypatch, sorted(set(MODULES.values())), router_forward)
     return tf_raw
 
 

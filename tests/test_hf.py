@@ -646,10 +646,10 @@ def test_greedy_generation_matches_transformers(tf, case):
     assert _greedy(ours, prompt, 10) == theirs.tolist()
 
 
-def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path):
-    torch, transformers = tf
-    cfg = CASES["mixtral"][0]
-    mine = GPT(hf.config_from_hf(cfg), seed=4, dtype="float64")
+def check_folder_round_trip(torch, transformers, mine, vocab_size, tmp_path):
+    """Our model saved as a Hugging Face folder loads in transformers with the same logits, and
+    transformers' bf16 save of it loads back in minimoe with the same (bf16) weights. Also used by
+    test_hf_families.py."""
     hf.save_pretrained(mine, str(tmp_path / "ours"))  # checkpoint names, as on the Hub
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path / "ours"),
@@ -657,7 +657,7 @@ def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path):
         attn_implementation="sdpa",
         experts_implementation="eager",
     ).eval()
-    idx = np.random.default_rng(2).integers(0, cfg["vocab_size"], (2, 9))
+    idx = np.random.default_rng(2).integers(0, vocab_size, (2, 9))
     with torch.no_grad():
         assert rel_error(mine.forward(idx)[0], ref(torch.tensor(idx)).logits.numpy()) <= PARITY_TOL
     ref.to(torch.bfloat16).save_pretrained(str(tmp_path / "theirs"))  # bf16 safetensors
@@ -665,3 +665,10 @@ def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path):
     want = {k: v.float().double().numpy() for k, v in ref.state_dict().items()}
     got = hf.to_hf(back, layout="fused")
     assert sorted(got) == sorted(want) and all(array_equal(got[k], want[k]) for k in want)
+
+
+def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path):
+    torch, transformers = tf
+    cfg = CASES["mixtral"][0]
+    mine = GPT(hf.config_from_hf(cfg), seed=4, dtype="float64")
+    check_folder_round_trip(torch, transformers, mine, cfg["vocab_size"], tmp_path)

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 from conftest import array_equal, asarray
-from test_hf import compare_with_transformers, patch_float32_steps
+from test_hf import check_folder_round_trip, compare_with_transformers, patch_float32_steps
 
 from minimoe import GPT, Config, hf
 from minimoe.errors import ConfigError
@@ -493,21 +493,7 @@ def test_unpatched_error_is_float32_round_off(tf_raw, case):
 def test_transformers_loads_our_folder_and_we_load_theirs(tf, tmp_path, case):
     torch, transformers = tf
     mine = random_model(case, seed=4)
-    hf.save_pretrained(mine, str(tmp_path / "ours"))  # checkpoint names, as on the Hub
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path / "ours"),
-        dtype=torch.float64,
-        attn_implementation="sdpa",
-        experts_implementation="eager",
-    ).eval()
-    idx = np.random.default_rng(2).integers(0, CASES[case]["vocab_size"], (2, 9))
-    with torch.no_grad():
-        assert rel_error(mine.forward(idx)[0], ref(torch.tensor(idx)).logits.numpy()) <= PARITY_TOL
-    ref.to(torch.bfloat16).save_pretrained(str(tmp_path / "theirs"))  # bf16 safetensors
-    back, _ = hf.load_pretrained(str(tmp_path / "theirs"), dtype="float64")
-    want = {k: v.float().double().numpy() for k, v in ref.state_dict().items()}
-    got = hf.to_hf(back, layout="fused")
-    assert sorted(got) == sorted(want) and all(array_equal(got[k], want[k]) for k in want)
+    check_folder_round_trip(torch, transformers, mine, CASES[case]["vocab_size"], tmp_path)
 
 
 @pytest.mark.parametrize("case", ["deepseek_v3", "qwen2_moe"])

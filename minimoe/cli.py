@@ -3,7 +3,7 @@
     minimoe train  [options]                  train a model (default: the mixtral toy preset on
                                               Python's own documentation text), save OUT/ckpt.npz
     minimoe sample --ckpt OUT --prompt TEXT   stream a continuation
-    minimoe info   --preset NAME | --ckpt OUT config, parameter and FLOP counts, training summary
+    minimoe info   NAME | OUT (or --preset NAME | --ckpt OUT)  config, parameter and FLOP counts, training summary
     minimoe routes --ckpt OUT --text TEXT     which experts each token goes to, per MoE layer
     minimoe chat   --ckpt OUT                 talk to a model fine-tuned on dialogues
                                               (minimoe train --init-from BASE --data chat-builtin)
@@ -167,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="config, parameters and FLOPs of a preset or checkpoint")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument(
+        "what", nargs="?", metavar="PRESET|PATH", help="a preset name, a run directory or a ckpt.npz"
+    )
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", metavar="NAME", help=f"one of {', '.join(PRESETS)}")
     src.add_argument("--ckpt", metavar="PATH", help="run directory or ckpt.npz")
     p.add_argument("--json", action="store_true", help="print one JSON object")

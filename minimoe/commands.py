@@ -101,7 +101,29 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _info_source(args):
+    """`minimoe info WHAT`: WHAT is a preset name or a run directory / checkpoint path; or the
+    explicit --preset / --ckpt. Sets exactly one of args.preset, args.ckpt."""
+    given = [x for x in (args.what, args.preset, args.ckpt) if x is not None]
+    if len(given) != 1:
+        raise CliError(
+            "info needs one thing to describe: a preset name, a run directory or a ckpt.npz "
+            f"(e.g. minimoe info mixtral, minimoe info out); got {len(given) or 'none'}"
+        )
+    if args.what is not None:
+        if Path(args.what).exists():
+            args.ckpt = args.what
+        elif args.what in PRESETS:
+            args.preset = args.what
+        else:
+            raise CliError(
+                f"{args.what!r} is neither a run directory or checkpoint file that exists nor a preset; "
+                f"valid presets are {', '.join(PRESETS)}"
+            )
+
+
 def cmd_info(args) -> int:
+    _info_source(args)
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise CliError(f"unknown preset {args.preset!r}; valid presets are {', '.join(PRESETS)}")

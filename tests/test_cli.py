@@ -95,6 +95,8 @@ def test_info_preset_json(capsys):
     info = json.loads(out)
     assert info["total"] > info["active"] > 0 and info["flops_per_token"] > 0
     assert info["config"]["n_experts"] == 8 and info["config"]["top_k"] == 2
+    rc, same, _ = run_cli(capsys, "info", "mixtral", "--json")  # a preset name without --preset
+    assert rc == 0 and json.loads(same) == info
     rc, out, _ = run_cli(capsys, "info", "--preset", "mixtral-8x7b")
     assert rc == 0 and "counted, never built" in out and "expert_hidden" in out and "active per token" in out
 
@@ -108,6 +110,8 @@ def test_info_checkpoint(trained, capsys):
     assert tr["iterations"] == 60 and tr["tokens_seen"] == 60 * 8 * 32
     assert tr["val_loss"] > 0 and tr["train_loss"] > 0 and tr["wall_time_s"] > 0
     assert info["config"]["n_layer"] == 2 and info["total"] > info["active"]
+    rc, same, _ = run_cli(capsys, "info", out, "--json")  # a path without --ckpt
+    assert rc == 0 and json.loads(same) == info
     rc, text, _ = run_cli(capsys, "info", "--ckpt", out)
     assert rc == 0 and "60 of 60 steps" in text and "last val loss" in text
 
@@ -210,7 +214,9 @@ BAD = [
     (["sample", "--ckpt", "{d}/junk"], "truncated or corrupt"),
     (["sample", "--ckpt", "{d}/nothing"], "no checkpoint"),
     (["info", "--preset", "gpt9"], "unknown preset"),
-    (["info"], "required"),
+    (["info"], "info needs one thing to describe"),
+    (["info", "gpt9"], "'gpt9' is neither a run directory or checkpoint file that exists nor a preset"),
+    (["info", "mixtral", "--preset", "dense"], "got 2"),
     (["routes", "--ckpt", "{d}/junk", "--text", "hi"], "corrupt"),
     (["routes", "--ckpt", "{d}/junk", "--text", "hi", "--max-rows", "0"], "--max-rows = 0 is invalid"),
     (["sample", "--ckpt", "{d}/junk", "--temperature", "-1"], "--temperature = -1.0 is invalid"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 from minimoe import backend
+from minimoe.ops import parallel
 
 EMBEDDING_NAMES = ("wte", "wpe")
 
@@ -54,6 +56,7 @@ class AdamW:
         self.m = {n: backend.xp_of(p).zeros_like(p) for n, p in params.items()}
         self.v = {n: backend.xp_of(p).zeros_like(p) for n, p in params.items()}
         self.t = 0
+        self._groups = {}  # workers -> the parameter names of each task of step(), see _groups_for
         self._buffers = {}  # scratch space for step(), see _scratch
 
     def step(self, grads: dict, lr=None):
@@ -65,15 +68,29 @@ class AdamW:
         bc1 = 1.0 - b1**self.t
         bc2 = 1.0 - b2**self.t
         step_size = lr / bc1
-        for n, p in self.params.items():
+        # The parameters are independent: with workers (ops/parallel.py) a few groups of them are
+        # updated side by side, each group with its own scratch buffer; the numbers are the same.
+        groups = self._groups_for(parallel.workers())
+        parallel.run(
+            [
+                functools.partial(self._update, names, i, grads, lr, step_size, bc2)
+                for i, names in enumerate(groups)
+            ]
+        )
+
+    def _update(self, names, group, grads, lr, step_size, bc2):
+        """The update of the parameters `names`, with scratch buffer number `group`."""
+        b1, b2 = float(self.betas[0]), float(self.betas[1])
+        for n in names:
             g = grads.get(n)
             if g is None:
                 continue
+            p = self.params[n]
             xp = backend.xp_of(p)
             m, v = self.m[n], self.v[n]
             # the same formulas as above, in place, with one scratch buffer `tmp` reused by every
-            # parameter: no temporaries of the parameter's size are allocated
-            tmp = self._scratch(p)
+            # parameter of the group: no temporaries of the parameter's size are allocated
+            tmp = self._scratch(p, group, names)
             m *= b1
             xp.multiply(g, 1.0 - b1, out=tmp)
             m += tmp
@@ -90,12 +107,26 @@ class AdamW:
             tmp *= step_size
             p -= tmp
 
-    def _scratch(self, p):
-        """A work array of p's shape and dtype, a view of one buffer sized for the largest parameter."""
-        key = (backend.xp_of(p).__name__, p.dtype.str)
+    def _groups_for(self, workers: int) -> list:
+        """The parameter names split into min(workers, #params) groups of about equal size (the
+        largest parameter first, each to the smallest group so far); one group without workers."""
+        if workers not in self._groups:
+            k = max(1, min(workers, len(self.params)))
+            groups, sizes = [[] for _ in range(k)], [0] * k
+            for n in sorted(self.params, key=lambda n: -self.params[n].size) if k > 1 else self.params:
+                i = sizes.index(min(sizes))
+                groups[i].append(n)
+                sizes[i] += self.params[n].size
+            self._groups[workers] = groups
+        return self._groups[workers]
+
+    def _scratch(self, p, group=0, names=None):
+        """A work array of p's shape and dtype, a view of one buffer per group sized for the
+        group's largest parameter."""
+        key = (backend.xp_of(p).__name__, p.dtype.str, group)
         buf = self._buffers.get(key)
         if buf is None or buf.size < p.size:
-            biggest = max(q.size for q in self.params.values())
+            biggest = max(self.params[n].size for n in (names if names is not None else self.params))
             buf = self._buffers[key] = backend.xp_of(p).empty(biggest, dtype=p.dtype)
         return buf[: p.size].reshape(p.shape)
 
@@ -123,11 +154,17 @@ def clip_grad_norm(grads: dict, max_norm: float):
     if not arrays:
         raise ValueError("clip_grad_norm got no gradients; run model.backward() first")
     xp = backend.xp_of(arrays[0])
-    total = xp.sqrt(sum((g.astype(xp.float64) ** 2).sum() for g in arrays))
+    # each gradient's sum of squares (in float64) on the workers (ops/parallel.py), added in order
+    total = xp.sqrt(sum(parallel.run([functools.partial(_sum_of_squares, g) for g in arrays])))
     scale = xp.minimum(1.0, max_norm / (total + 1e-6))
     for g in arrays:
         g *= scale.astype(g.dtype)
     return total
+
+
+def _sum_of_squares(g):
+    """sum(g^2) in float64, a 0-d array."""
+    return (g.astype(backend.xp_of(g).float64) ** 2).sum()
 
 
 def cosine_lr(

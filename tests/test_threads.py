@@ -203,6 +203,38 @@ def test_attention_batch_rows_side_by_side_give_the_same_numbers_bit_for_bit(rng
         assert all(np.array_equal(a, b) for a, b in zip(out[1], out[n]))
 
 
+def test_adamw_and_clipping_side_by_side_give_the_same_numbers_bit_for_bit(rng):
+    from minimoe.optim import AdamW, clip_grad_norm
+
+    shapes = {
+        "wte": (11, 8),
+        "a.w": (8, 24),
+        "a.b": (24,),
+        "moe.w1": (5, 8, 12),
+        "ln.g": (8,),
+        "head": (8, 11),
+    }
+    start = {n: rng.standard_normal(s) for n, s in shapes.items()}
+    grads = [{n: rng.standard_normal(s) * 3 for n, s in shapes.items()} for _ in range(3)]
+    out = {}
+    for n in (1, 2, 3):
+        parallel.set_workers(n)
+        params = {k: v.copy() for k, v in start.items()}
+        opt, norms = AdamW(params, lr=1e-2), []
+        for g in grads:
+            g = {k: v.copy() for k, v in g.items()}
+            norms.append(float(clip_grad_norm(g, 1.0)))
+            opt.step(g)
+        out[n] = (params, opt.m, opt.v, norms)
+        if n > 1:  # every parameter in exactly one group, the groups about equally big
+            groups = opt._groups_for(n)
+            assert len(groups) == n and sorted(sum(groups, [])) == sorted(shapes)
+    for n in (2, 3):
+        for a, b in zip(out[1][:3], out[n][:3]):
+            assert all(np.array_equal(a[k], b[k]) for k in shapes)
+        assert out[1][3] == out[n][3]
+
+
 def test_bench_takes_the_threads_and_a_flavour(capsys):
     import json
 

@@ -25,11 +25,11 @@ MoE layer the rows one expert gets on average (B T K / E):
     tiny  (< TINY_MATMUL_FLOPS, e.g. generation's one token at a time): 1 thread, without even
           looking at the load; handing work to another thread costs more than the work.
     small (< SMALL_MATMUL_FLOPS, e.g. the laptop-size experts, 12.6 MFLOP): BLAS gets 1 thread;
-          an MoE layer runs whole experts side by side on `threads` Python threads instead, and
-          the causal attention its batch rows (ops/parallel.py). A waiting thread sleeps rather
-          than spins, and the threads meet twice per layer instead of after every product, so
-          a neighbour that takes a core costs a share of the time, not a collapse. A dense model
-          of this size uses 1 thread.
+          an MoE layer runs whole experts side by side on `threads` Python threads instead, the
+          causal attention its batch rows, AdamW its parameter groups (ops/parallel.py). A
+          waiting thread sleeps rather than spins, and the threads meet twice per layer instead
+          of after every product, so a neighbour that takes a core costs a share of the time,
+          not a collapse. A dense model of this size uses 1 thread.
     large: BLAS gets `threads` threads; everything runs in order.
 An explicit OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) in the environment counts as the user's
 `--threads`, as does minimoe.set_threads(n). On the GPU (CuPy) none of this matters much: the

@@ -1,4 +1,5 @@
-"""Independent pieces of one op run side by side on a few threads (the experts of an MoE layer).
+"""Independent pieces of one op run side by side on a few threads (the experts of an MoE layer,
+the attention core's batch rows, AdamW's parameter groups).
 
 NumPy lets go of Python's global lock inside its matrix products and elementwise loops, so two
 Python threads that each work on their own arrays really do run on two cores. The experts of an

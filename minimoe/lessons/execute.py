@@ -78,6 +78,9 @@ def run_notebook(nb: dict, workdir, timeout: int = 180, allow_errors: bool = Fal
         interrupt_on_timeout=allow_errors,
         record_timing=False,
         resources={"metadata": {"path": str(workdir)}},
+        # the kernel's own log: only errors (its warning that a local kernel talks over TCP
+        # without encryption is about Jupyter's plumbing, not about the learner's notebook)
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
     )
     stopped = None
     t0 = time.perf_counter()

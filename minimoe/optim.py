@@ -73,14 +73,13 @@ class AdamW:
         groups = self._groups_for(parallel.workers())
         parallel.run(
             [
-                functools.partial(self._update, names, i, grads, lr, step_size, bc2)
+                functools.partial(self._update, names, i, grads, lr, b1, b2, step_size, bc2)
                 for i, names in enumerate(groups)
             ]
         )
 
-    def _update(self, names, group, grads, lr, step_size, bc2):
+    def _update(self, names, group, grads, lr, b1, b2, step_size, bc2):
         """The update of the parameters `names`, with scratch buffer number `group`."""
-        b1, b2 = float(self.betas[0]), float(self.betas[1])
         for n in names:
             g = grads.get(n)
             if g is None:
@@ -109,24 +108,24 @@ class AdamW:
 
     def _groups_for(self, workers: int) -> list:
         """The parameter names split into min(workers, #params) groups of about equal size (the
-        largest parameter first, each to the smallest group so far); one group without workers."""
+        largest parameter first, each to the smallest group so far): one group without workers."""
         if workers not in self._groups:
             k = max(1, min(workers, len(self.params)))
             groups, sizes = [[] for _ in range(k)], [0] * k
-            for n in sorted(self.params, key=lambda n: -self.params[n].size) if k > 1 else self.params:
+            for n in sorted(self.params, key=lambda n: -self.params[n].size):
                 i = sizes.index(min(sizes))
                 groups[i].append(n)
                 sizes[i] += self.params[n].size
             self._groups[workers] = groups
         return self._groups[workers]
 
-    def _scratch(self, p, group=0, names=None):
+    def _scratch(self, p, group, names):
         """A work array of p's shape and dtype, a view of one buffer per group sized for the
         group's largest parameter."""
         key = (backend.xp_of(p).__name__, p.dtype.str, group)
         buf = self._buffers.get(key)
         if buf is None or buf.size < p.size:
-            biggest = max(self.params[n].size for n in (names if names is not None else self.params))
+            biggest = max(self.params[n].size for n in names)
             buf = self._buffers[key] = backend.xp_of(p).empty(biggest, dtype=p.dtype)
         return buf[: p.size].reshape(p.shape)
 
